@@ -1,0 +1,150 @@
+"""The `dmagent` command: parse arguments, run one subcommand, turn errors into one clear line.
+
+Each subcommand lives in `agent/commands/<name>.py` with `register(subparsers)`; those modules
+import their heavy dependencies inside the handler so `dmagent --help` and quick commands start
+fast. This module is the one place where exceptions become user-facing output and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from agent import __version__
+
+# Subcommands in help order, with the one-line help shown when the module is not built yet.
+COMMANDS: dict[str, str] = {
+    "sync": "run an OMA-DM session with the MDM server now",
+    "run": "run the agent as a daemon (sync schedule + enrollment tasks)",
+    "certinst": "run one enrollment attempt for a SCEP node (like dmcertinst.exe)",
+    "scep": "standalone SCEP client: getcacaps, getcacert, enroll, renew",
+    "status": "accounts, last sync, SCEP nodes with Status/ErrorCode/thumbprint",
+    "tasks": "list, show and run the enrollment tasks",
+    "certs": "list, show and export installed certificates",
+    "tree": "read the local DM tree",
+    "reg": "query, export and edit the agent's registry store (like reg.exe)",
+    "events": "show diagnostic events",
+    "error": "decode an HRESULT (like certutil -error)",
+    "fleet": "run many emulated devices in one process",
+    "lab": "reference MDM server, SCEP CA and the end-to-end demo",
+    "version": "show versions",
+}
+
+EXIT_CODES = """\
+exit codes:
+  0   success
+  1   the operation failed (the peer refused or answered wrongly; see the message)
+  2   usage error (bad arguments)
+  3   configuration error
+  4   a server could not be reached
+  5   not found (registry key or value, node, task, certificate)
+  6   the state directory is locked by another process (e.g. the daemon)
+  70  internal error (a bug: run with -v and report the trace)
+  130 interrupted
+"""
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("dmagent.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmagent",
+        description="A device-side MDM agent that behaves like the Windows MDM client: "
+                    "OMA-DM (SyncML, MS-MDM) sessions, ClientCertificateInstall SCEP "
+                    "enrollment with TPM or software keys, Windows-style diagnostics.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dmagent {__version__}")
+    parser.add_argument("-c", "--config", type=_path, metavar="FILE",
+                        help="TOML config file (default: $DMAGENT_CONFIG, then the "
+                             "site config dir's dmagent/config.toml)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where the store, keys, certificates and logs live "
+                             "(overrides state_dir; fleets and tests use it)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info, -vv debug) and full traces on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"agent.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"agent.commands.{name}":
+                raise
+            _register_unavailable(sub, name, summary)
+        else:
+            module.register(sub)
+    return parser
+
+
+def _path(text: str) -> Any:
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _register_unavailable(sub: Any, name: str, summary: str) -> None:
+    p = sub.add_parser(name, help=f"{summary} (not available in this build)",
+                       description=f"{summary}. Not available in this build yet.")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def unavailable(args: argparse.Namespace, app: Any) -> int:
+        from agent.errors import LocalError
+
+        raise LocalError(f"`dmagent {name}` is not available in this build yet",
+                         advice="see `dmagent --help` for the commands that are")
+
+    p.set_defaults(func=unavailable)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from agent.commands.base import App
+    from agent.errors import DmAgentError
+    from agent.logsetup import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    app = App(args)
+    try:
+        return int(args.func(args, app))
+    except DmAgentError as exc:
+        _report(exc.message, exc.advice, args.verbose, exc.diagnostics())
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0  # `dmagent events | head`: the reader left, nothing to report
+    except Exception as exc:
+        from keystores.base import KeyStoreError
+
+        if isinstance(exc, KeyStoreError):  # the bottom layer has its own error type
+            _report(exc.message, exc.advice, args.verbose, "")
+            return 1
+        log.debug("internal error", exc_info=True)
+        _report(f"internal error: {type(exc).__name__}: {exc}",
+                "this is a bug; run again with -v and report the trace", args.verbose, "")
+        return EXIT_INTERNAL
+    finally:
+        app.close()
+
+
+def _report(message: str, advice: str, verbose: int, details: str) -> None:
+    print(f"dmagent: error: {message}", file=sys.stderr)
+    if advice:
+        print(f"dmagent: hint: {advice}", file=sys.stderr)
+    if verbose:
+        if details:
+            print(details, file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The device context: everything one emulated device owns, in one object.
+
+The daemon, a one-shot CLI command and every device of a fleet each hold one of these; nothing
+device-specific lives at module level. Parts are opened lazily so a command pays only for what
+it uses.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from agent.config import Config, DeviceConfig
+
+if TYPE_CHECKING:
+    from agent.events import EventLog
+    from agent.registry import Registry
+    from agent.sealing import Sealer
+
+
+class DeviceContext:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @cached_property
+    def device(self) -> DeviceConfig:
+        return self.config.resolved_device()
+
+    @cached_property
+    def registry(self) -> Registry:
+        from agent.registry import Registry
+
+        return Registry(self.config.registry_path, current_user_sid=self.device.user_sid)
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        from agent.sealing import Sealer
+
+        return Sealer.from_state_dir(self.config.state_dir)
+
+    @cached_property
+    def events(self) -> EventLog:
+        from agent.events import EventLog
+
+        return EventLog(self.config.events_path, device=self.device.device_id)
+
+    def close(self) -> None:
+        if "registry" in self.__dict__:
+            self.registry.close()
+
+    def __enter__(self) -> DeviceContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
