@@ -105,11 +105,12 @@ def _register_unavailable(sub: Any, name: str, summary: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from agent.commands.base import App
+    from agent.commands.reg import translate_switches
     from agent.errors import DmAgentError
     from agent.logsetup import setup_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(translate_switches(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(verbose=args.verbose)
     app = App(args)
     try:

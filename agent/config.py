@@ -180,20 +180,24 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
         key = sorted(unknown)[0]
         raise ConfigError(f"{merged[key][1]}: unknown setting {key!r}")
     cfg: Config = _build(Config, "", merged)
+    _validate(cfg, merged)
     return dataclasses.replace(cfg, source=source)
 
 
-def _validate(cfg: Config) -> None:
-    where = cfg.source
+def _validate(cfg: Config, merged: Mapping[str, tuple[Any, str]]) -> None:
+    def fail(key: str, problem: str) -> None:
+        where = merged[key][1] if key in merged else "defaults"
+        raise ConfigError(f"{where}: {key} {problem}")
+
     if cfg.log_level not in _LOG_LEVELS:
-        raise ConfigError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}")
+        fail("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
     if cfg.server.auth not in _AUTH:
-        raise ConfigError(f"{where}: server.auth must be one of {', '.join(_AUTH)}")
+        fail("server.auth", f"must be one of {', '.join(_AUTH)}")
     if cfg.tasks.attempts < 1:
-        raise ConfigError(f"{where}: tasks.attempts must be at least 1")
+        fail("tasks.attempts", "must be at least 1")
     for key in ("interval_seconds", "minute_seconds"):
         if getattr(cfg.tasks, key) < 0:
-            raise ConfigError(f"{where}: tasks.{key} must not be negative")
+            fail(f"tasks.{key}", "must not be negative")
 
 
 def _flatten(data: Mapping[str, Any], prefix: str, source: str,
@@ -236,10 +240,7 @@ def _build(cls: type, prefix: str, merged: Mapping[str, tuple[Any, str]]) -> Any
         elif dotted in merged:
             value, where = merged[dotted]
             kwargs[f.name] = _coerce(value, typ, dotted, where)
-    obj = cls(**kwargs)
-    if cls is Config:
-        _validate(obj)
-    return obj
+    return cls(**kwargs)
 
 
 def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:

@@ -354,7 +354,10 @@ def _encode(type_: RegType, data: RegData) -> str | int | bytes:
         limit = _INT_RANGE[type_]
         if not -(limit // 2 + 1) <= data <= limit:
             raise LocalError(f"{data} does not fit in {type_.name}")
-        return data & limit  # negative (signed) input is stored as its two's complement
+        data &= limit  # negative (signed) input is stored as its two's complement
+        if type_ is RegType.REG_QWORD and data >= 2**63:
+            return data - 2**64  # SQLite integers are signed 64-bit; _decode_row undoes this
+        return data
     if type_ in (RegType.REG_BINARY, RegType.REG_NONE):
         if not isinstance(data, bytes | bytearray):
             raise LocalError(f"{type_.name} needs bytes, got {type(data).__name__}")
@@ -375,6 +378,9 @@ def _decode_row(row: tuple[str, int, str | int | bytes]) -> RegValue:
     if type_ is RegType.REG_MULTI_SZ:
         assert isinstance(raw, str)
         data = tuple(raw.split("\0")) if raw else ()
+    elif type_ is RegType.REG_QWORD:
+        assert isinstance(raw, int)
+        data = raw & 0xFFFFFFFFFFFFFFFF
     else:
         data = raw
     return RegValue(name, type_, data)

@@ -9,6 +9,20 @@ from typing import Any
 
 from agent.commands.base import App, add_json_flag
 
+# reg.exe switches, accepted in their /x form and translated to -x before parsing (a parser
+# with "/" as an option prefix would take absolute file paths for options).
+REG_SWITCHES = frozenset({"/s", "/v", "/ve", "/t", "/d", "/f", "/y"})
+
+
+def translate_switches(argv: list[str]) -> list[str]:
+    """`dmagent reg query KEY /s` → `... -s`; only after the `reg` subcommand."""
+    if "reg" not in argv:
+        return argv
+    at = argv.index("reg")
+    return argv[:at] + [("-" + a[1:].lower()) if a.lower() in REG_SWITCHES else a
+                        for a in argv[at:]]
+
+
 _TYPES = ("REG_SZ", "REG_EXPAND_SZ", "REG_DWORD", "REG_QWORD", "REG_BINARY", "REG_MULTI_SZ")
 
 
@@ -20,40 +34,40 @@ def register(sub: Any) -> None:
                     "enrollments. Options take reg.exe's /x form or -x.")
     rsub = p.add_subparsers(dest="reg_cmd", required=True, metavar="{query,export,add,delete}")
 
-    q = rsub.add_parser("query", prefix_chars="-/", help="show a key, its values and subkeys")
+    q = rsub.add_parser("query", help="show a key, its values and subkeys")
     q.add_argument("key", help=r"e.g. 'HKLM\Software\Microsoft\SCEP'")
-    q.add_argument("/s", "-s", dest="recurse", action="store_true", help="all subkeys")
-    q.add_argument("/v", "-v", dest="value", help="only this value")
-    q.add_argument("/ve", "-ve", dest="default", action="store_true",
+    q.add_argument("-s", dest="recurse", action="store_true", help="all subkeys")
+    q.add_argument("-v", dest="value", help="only this value")
+    q.add_argument("-ve", dest="default", action="store_true",
                    help="only the default value")
     add_json_flag(q)
     q.set_defaults(func=run_query)
 
-    e = rsub.add_parser("export", prefix_chars="-/", help="write a key and subtree as .reg")
+    e = rsub.add_parser("export", help="write a key and subtree as .reg")
     e.add_argument("key")
     e.add_argument("file", nargs="?", default="-",
                    help="output .reg file (UTF-16, as reg.exe writes); '-' or none: stdout")
-    e.add_argument("/y", "-y", dest="overwrite", action="store_true",
+    e.add_argument("-y", dest="overwrite", action="store_true",
                    help="overwrite an existing file")
     e.set_defaults(func=run_export)
 
-    a = rsub.add_parser("add", prefix_chars="-/", help="add a key or set a value")
+    a = rsub.add_parser("add", help="add a key or set a value")
     a.add_argument("key")
-    a.add_argument("/v", "-v", dest="value", help="value name")
-    a.add_argument("/ve", "-ve", dest="default", action="store_true", help="the default value")
-    a.add_argument("/t", "-t", dest="type", default="REG_SZ", choices=_TYPES)
-    a.add_argument("/d", "-d", dest="data", default="",
+    a.add_argument("-v", dest="value", help="value name")
+    a.add_argument("-ve", dest="default", action="store_true", help="the default value")
+    a.add_argument("-t", dest="type", default="REG_SZ", choices=_TYPES)
+    a.add_argument("-d", dest="data", default="",
                    help="data (REG_MULTI_SZ entries separated by \\0, binary as hex)")
-    a.add_argument("/f", "-f", dest="force", action="store_true", help="(accepted for reg.exe "
+    a.add_argument("-f", dest="force", action="store_true", help="(accepted for reg.exe "
                    "compatibility; never prompts)")
     a.set_defaults(func=run_add)
 
-    d = rsub.add_parser("delete", prefix_chars="-/", help="delete a key (with subkeys) or value")
+    d = rsub.add_parser("delete", help="delete a key (with subkeys) or value")
     d.add_argument("key")
-    d.add_argument("/v", "-v", dest="value", help="delete only this value")
-    d.add_argument("/ve", "-ve", dest="default", action="store_true",
+    d.add_argument("-v", dest="value", help="delete only this value")
+    d.add_argument("-ve", dest="default", action="store_true",
                    help="delete the default value")
-    d.add_argument("/f", "-f", dest="force", action="store_true", help="(accepted; never prompts)")
+    d.add_argument("-f", dest="force", action="store_true", help="(accepted; never prompts)")
     d.set_defaults(func=run_delete)
 
 
