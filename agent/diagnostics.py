@@ -119,6 +119,7 @@ class HResult(enum.IntEnum):
     NTE_BAD_DATA = 0x80090005
     NTE_BAD_SIGNATURE = 0x80090006
     NTE_BAD_ALGID = 0x80090008
+    NTE_BAD_KEY_STATE = 0x8009000B
     NTE_BAD_KEYSET = 0x80090016
     NTE_INVALID_PARAMETER = 0x80090027
     NTE_NOT_SUPPORTED = 0x80090029
@@ -207,6 +208,7 @@ _MESSAGES: dict[int, str] = {
     HResult.NTE_BAD_DATA: "Bad Data.",
     HResult.NTE_BAD_SIGNATURE: "Invalid Signature.",
     HResult.NTE_BAD_ALGID: "Invalid algorithm specified.",
+    HResult.NTE_BAD_KEY_STATE: "Key not valid for use in specified state.",
     HResult.NTE_BAD_KEYSET: "Keyset does not exist",
     HResult.NTE_INVALID_PARAMETER: "The parameter is incorrect.",
     HResult.NTE_NOT_SUPPORTED: "The requested operation is not supported.",

@@ -24,6 +24,8 @@ NTE_BAD_KEYSET = 0x80090016
 NTE_NOT_SUPPORTED = 0x80090029
 NTE_BAD_DATA = 0x80090005
 NTE_INVALID_PARAMETER = 0x80090027
+NTE_BAD_KEY_STATE = 0x8009000B  # "Key not valid for use in specified state" (export refused)
+E_INVALIDARG = 0x80070057
 TBS_E_TPM_NOT_FOUND = 0x8028400F
 TPM_E_PCP_DEVICE_NOT_READY = 0x80290101
 
@@ -76,6 +78,11 @@ class Padding(enum.StrEnum):
     OAEP = "oaep"
 
 
+# What ClientCertificateInstall can ask for (KeyLength 1024/2048/4096; ECDSA P-256/P-384).
+RSA_SIZES: tuple[int, ...] = (1024, 2048, 4096)
+EC_SIZES: tuple[int, ...] = (256, 384)
+
+
 @dataclass(frozen=True)
 class KeySpec:
     """What to create. `size` is the RSA modulus length or the EC curve size (256, 384)."""
@@ -108,6 +115,11 @@ class KeyHandle(Protocol):
         """RSA key transport decryption (CMS KeyTransRecipientInfo)."""
         ...
 
+    def export_pkcs8(self, password: bytes) -> bytes:
+        """The private key as encrypted PKCS#8 PEM; KeyStoreError(NTE_BAD_KEY_STATE) when the
+        key is not exportable (always for TPM keys), like NCryptExportKey on Windows."""
+        ...
+
 
 @runtime_checkable
 class KeyStore(Protocol):
@@ -137,6 +149,18 @@ class Sealing(Protocol):
     def seal(self, plaintext: bytes, purpose: str) -> bytes: ...
 
     def unseal(self, blob: bytes, purpose: str) -> bytes: ...
+
+
+def check_spec_shape(spec: KeySpec) -> None:
+    """Refuse sizes outside the interface (the same for every store) before any work."""
+    if spec.algorithm is KeyAlgorithm.RSA and spec.size not in RSA_SIZES:
+        raise UnsupportedKeyError(
+            f"RSA-{spec.size} is not a supported key length",
+            advice=f"use one of {', '.join(map(str, RSA_SIZES))} (KeyLength)")
+    if spec.algorithm is KeyAlgorithm.EC and spec.size not in EC_SIZES:
+        raise UnsupportedKeyError(
+            f"ECDSA with a {spec.size}-bit curve is not supported",
+            advice="use P-256 (256) or P-384 (384)")
 
 
 def key_id_for(public_key: PublicKey) -> str:
