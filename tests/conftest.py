@@ -87,7 +87,10 @@ def start_swtpm(state_dir: Path) -> SwtpmInstance:
     binary = need_binary("swtpm")
     state_dir.mkdir(parents=True, exist_ok=True)
     for _ in range(5):  # a port taken between free_port() and bind: try others
-        port, ctrl = free_port(), free_port()
+        # libtss2's swtpm TCTI has no option for the control port: it always uses port + 1
+        # (tcti-swtpm.c), and fails to initialise when nothing answers there.
+        port = free_port()
+        ctrl = port + 1
         proc = subprocess.Popen(
             [binary, "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
              "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
@@ -96,6 +99,7 @@ def start_swtpm(state_dir: Path) -> SwtpmInstance:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port(port, proc)
+            wait_for_port(ctrl, proc)
             return SwtpmInstance(port, ctrl, state_dir, proc)
         except RuntimeError:
             continue
