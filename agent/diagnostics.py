@@ -71,6 +71,7 @@ class HResult(enum.IntEnum):
     S_OK = 0x00000000
     E_FAIL = 0x80004005
     E_NOTIMPL = 0x80004001
+    E_ABORT = 0x80004004
     E_UNEXPECTED = 0x8000FFFF
     E_PENDING = 0x8000000A
     E_ACCESSDENIED = 0x80070005
@@ -145,6 +146,8 @@ class HResult(enum.IntEnum):
     CERT_E_WRONG_USAGE = 0x800B0110
     CERT_E_UNTRUSTEDCA = 0x800B0112
     TRUST_E_CERT_SIGNATURE = 0x80096004
+    # ConfigManager2 / OMA-DM client (cfgmgr2err.h).
+    CFGMGR_E_XMLPARSEERROR = 0x86000018
     # TPM Base Services.
     TBS_E_TPM_NOT_FOUND = 0x8028400F
     TPM_E_PCP_DEVICE_NOT_READY = 0x80290101
@@ -162,6 +165,7 @@ _MESSAGES: dict[int, str] = {
     HResult.S_OK: "The operation completed successfully.",
     HResult.E_FAIL: "Unspecified error",
     HResult.E_NOTIMPL: "Not implemented",
+    HResult.E_ABORT: "Operation aborted",
     HResult.E_UNEXPECTED: "Catastrophic failure",
     HResult.E_PENDING: "The data necessary to complete this operation is not yet available.",
     HResult.E_ACCESSDENIED: "Access is denied.",
@@ -234,6 +238,7 @@ _MESSAGES: dict[int, str] = {
     HResult.CERT_E_WRONG_USAGE: "The certificate is not valid for the requested usage.",
     HResult.CERT_E_UNTRUSTEDCA: "A certification chain processed correctly but one of the CA certificates is not trusted by the policy provider.",  # noqa: E501
     HResult.TRUST_E_CERT_SIGNATURE: "The signature of the certificate cannot be verified.",
+    HResult.CFGMGR_E_XMLPARSEERROR: "Error occured in XML parser.",
     HResult.TBS_E_TPM_NOT_FOUND: "A compatible Trusted Platform Module (TPM) Security Device cannot be found on this computer.",  # noqa: E501
     HResult.TPM_E_PCP_DEVICE_NOT_READY: "The Platform Crypto Device is currently not ready. It needs to be fully provisioned to be operational.",  # noqa: E501
 }

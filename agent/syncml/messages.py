@@ -119,6 +119,9 @@ class Item:
     meta: Meta | None = None
     data: str | None = None  # text; for Format xml, the serialized inner XML
     more_data: bool = False
+    # True when Data carried child elements (markup), False when it was text (possibly escaped
+    # XML). The codec writes markup back unescaped so a message round-trips byte for byte.
+    data_is_xml: bool = False
 
 
 @dataclass(frozen=True)
