@@ -84,6 +84,7 @@ class HResult(enum.IntEnum):
     ERROR_CANCELLED = 0x800704C7
     ERROR_NOT_FOUND = 0x80070490
     ERROR_TIMEOUT = 0x800705B4
+    ERROR_MESSAGE_EXCEEDS_MAX_SIZE = 0x800710F0
     # WinHTTP transport failures (HRESULT_FROM_WIN32(ERROR_WINHTTP_*)).
     WINHTTP_TIMEOUT = 0x80072EE2
     WINHTTP_NAME_NOT_RESOLVED = 0x80072EE7
@@ -139,6 +140,7 @@ class HResult(enum.IntEnum):
     CRYPT_E_UNEXPECTED_MSG_TYPE = 0x8009200A
     CRYPT_E_BAD_MSG = 0x8009200D
     CRYPT_E_ASN1_EOD = 0x80093102
+    CRYPT_E_ASN1_BADTAG = 0x8009310B
     CERTSRV_E_BAD_REQUESTSUBJECT = 0x80094001
     CERT_E_EXPIRED = 0x800B0101
     CERT_E_UNTRUSTEDROOT = 0x800B0109
@@ -178,6 +180,8 @@ _MESSAGES: dict[int, str] = {
     HResult.ERROR_CANCELLED: "The operation was canceled by the user.",
     HResult.ERROR_NOT_FOUND: "Element not found.",
     HResult.ERROR_TIMEOUT: "This operation returned because the timeout period expired.",
+    HResult.ERROR_MESSAGE_EXCEEDS_MAX_SIZE:
+        "The message provided exceeds the maximum size allowed for this parameter.",
     HResult.WINHTTP_TIMEOUT: "The operation timed out",
     HResult.WINHTTP_NAME_NOT_RESOLVED: "The server name or address could not be resolved",
     HResult.WINHTTP_CANNOT_CONNECT: "A connection with the server could not be established",
@@ -231,6 +235,7 @@ _MESSAGES: dict[int, str] = {
     HResult.CRYPT_E_UNEXPECTED_MSG_TYPE: "The type of the cryptographic message being decoded is different than what was expected.",  # noqa: E501
     HResult.CRYPT_E_BAD_MSG: "Not a cryptographic message or the cryptographic message is not formatted correctly.",  # noqa: E501
     HResult.CRYPT_E_ASN1_EOD: "ASN1 unexpected end of data.",
+    HResult.CRYPT_E_ASN1_BADTAG: "ASN1 bad tag value met.",
     HResult.CERTSRV_E_BAD_REQUESTSUBJECT: "The request subject name is invalid or too long.",
     HResult.CERT_E_EXPIRED: "A required certificate is not within its validity period when verifying against the current system clock or the timestamp in the signed file.",  # noqa: E501
     HResult.CERT_E_UNTRUSTEDROOT: "A certificate chain processed, but terminated in a root certificate which is not trusted by the trust provider.",  # noqa: E501
