@@ -19,6 +19,7 @@ from keystores.base import (
     UnsupportedKeyError,
     key_id_for,
 )
+from keystores.selection import KeyProtection, select_keystore
 from keystores.software import SoftwareKeyStore
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "KeyAlgorithm",
     "KeyHandle",
     "KeyNotFoundError",
+    "KeyProtection",
     "KeySpec",
     "KeyStore",
     "KeyStoreError",
@@ -36,4 +38,5 @@ __all__ = [
     "TpmUnavailableError",
     "UnsupportedKeyError",
     "key_id_for",
+    "select_keystore",
 ]

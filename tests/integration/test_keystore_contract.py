@@ -8,6 +8,7 @@ module and store; the lifecycle tests make their own.
 from __future__ import annotations
 
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ HASHES = {HashAlg.SHA1: hashes.SHA1(), HashAlg.SHA256: hashes.SHA256(),
 StoreFactory = Callable[[], KeyStore]
 
 
+def spec_id(spec: KeySpec) -> str:
+    return f"{spec.algorithm.value}-{spec.size}{'-exportable' if spec.exportable else ''}"
+
+
 def _software_factory(tmp: Path) -> StoreFactory:
     sealer = Sealer(secrets.token_bytes(32))
     return lambda: SoftwareKeyStore(tmp / "keys", sealer)
@@ -52,7 +57,7 @@ def _tpm_factory(tmp: Path, request: pytest.FixtureRequest) -> StoreFactory:
     return lambda: TpmKeyStore(tcti, tmp / "tpmkeys")
 
 
-KINDS = ["software"]  # the TPM store joins in the next commit
+KINDS = ["software", pytest.param("tpm", marks=pytest.mark.swtpm)]
 
 
 def _factory(kind: str, tmp: Path, request: pytest.FixtureRequest) -> StoreFactory:
@@ -85,7 +90,7 @@ def keys(request: pytest.FixtureRequest,
 @pytest.mark.parametrize("spec", [KeySpec(KeyAlgorithm.RSA, 2048, label="c1"),
                                   KeySpec(KeyAlgorithm.RSA, 1024),
                                   KeySpec(KeyAlgorithm.EC, 256),
-                                  KeySpec(KeyAlgorithm.EC, 384)], ids=str)
+                                  KeySpec(KeyAlgorithm.EC, 384)], ids=spec_id)
 def test_create_load_delete_round_trip(make_store: StoreFactory, spec: KeySpec) -> None:
     store = make_store()
     h = store.create(spec)
@@ -148,7 +153,7 @@ def test_delete_missing_is_idempotent(store: KeyStore) -> None:
 
 @pytest.mark.parametrize("spec", [KeySpec(KeyAlgorithm.RSA, 3000), KeySpec(KeyAlgorithm.RSA, 512),
                                   KeySpec(KeyAlgorithm.EC, 521), KeySpec(KeyAlgorithm.EC, 224)],
-                         ids=str)
+                         ids=spec_id)
 def test_check_refuses_sizes_outside_the_interface(store: KeyStore, spec: KeySpec) -> None:
     with pytest.raises(UnsupportedKeyError) as ei:
         store.check(spec)
@@ -158,6 +163,32 @@ def test_check_refuses_sizes_outside_the_interface(store: KeyStore, spec: KeySpe
     with pytest.raises(UnsupportedKeyError):
         store.create(spec)
     assert store.list_ids() == []
+
+
+def test_rsa_4096_checked_up_front(store: KeyStore) -> None:
+    """swtpm refuses RSA-4096 (TPM2_TestParms); the software KSP makes it (created once, in
+    tests/unit/test_keystore_software.py, because it takes ~1 s)."""
+    spec = KeySpec(KeyAlgorithm.RSA, 4096)
+    if store.kind == "software":
+        store.check(spec)
+        return
+    with pytest.raises(UnsupportedKeyError) as ei:
+        store.check(spec)
+    assert "RSA-4096" in ei.value.message
+    assert "KeyProtection 3" in ei.value.advice
+    with pytest.raises(UnsupportedKeyError):
+        store.create(spec)
+    assert store.list_ids() == []
+
+
+def test_files_are_private(store: KeyStore) -> None:
+    store.create(KeySpec(KeyAlgorithm.EC, 256))
+    directory: Path = store.directory  # type: ignore[attr-defined]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    files = list(directory.iterdir())
+    assert len(files) >= 2
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
 
 
 def test_non_exportable_by_default(store: KeyStore) -> None:
