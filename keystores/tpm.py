@@ -29,6 +29,7 @@ resource manager is simply picked up by the next call, and a TPM that is gone is
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -66,6 +67,11 @@ from keystores.software import (
     validate_key_id,
     write_atomic,
 )
+
+# libtss2 logs every transport failure to stderr (WARNING:tcti:..., ERROR:esys:...) before the
+# caller sees an error; ours already carry the decoded response code and advice, so the TSS log
+# is off unless the user asks for it (TSS2_LOG=all+ERROR). Read by libtss2 on first use.
+os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 try:  # tpm2-pytss is an optional extra ("dmagent[tpm]") and needs libtss2 at run time.
     from tpm2_pytss import (
@@ -124,6 +130,16 @@ TCTI_ADVICE: Final = ("check the [tpm] tcti setting (e.g. swtpm:host=127.0.0.1,p
                       "user may open it; use KeyProtection 3 for a software key")
 
 T = TypeVar("T")
+
+
+def open_advice(tcti: str) -> str:
+    name = tcti.split(":", 1)[0]
+    if name in ("swtpm", "mssim"):
+        # Both TCTIs also need the control/platform channel, always on the data port + 1.
+        return (f"is {name} running and listening on the port in {tcti!r} *and* on that port "
+                "+ 1 (its control channel, e.g. swtpm --ctrl type=tcp,port=N+1)? "
+                + TCTI_ADVICE)
+    return TCTI_ADVICE
 
 
 def require_tss() -> None:
@@ -229,8 +245,8 @@ class TpmConnection:
             try:
                 tcti = TCTILdr.parse(self.tcti)
             except (TSS2_Exception, RuntimeError, ValueError) as exc:
-                raise TpmUnavailableError(
-                    f"cannot open the TPM at {self.tcti!r}: {exc}", advice=TCTI_ADVICE) from None
+                raise TpmUnavailableError(f"cannot open the TPM at {self.tcti!r}: {exc}",
+                                          advice=open_advice(self.tcti)) from None
             try:
                 ectx = ESAPI(tcti)
                 try:
@@ -246,7 +262,7 @@ class TpmConnection:
         if _is_tcti_error(exc):
             return TpmUnavailableError(
                 f"the TPM at {self.tcti!r} stopped answering during {what}: {exc}",
-                advice=TCTI_ADVICE)
+                advice=open_advice(self.tcti))
         return KeyStoreError(f"{what} failed in the TPM: {exc} (rc 0x{int(exc.rc):03x})",  # type: ignore[attr-defined]
                              hresult=tpm_hresult(exc))
 

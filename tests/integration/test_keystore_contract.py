@@ -276,3 +276,23 @@ def test_ecdsa_key_cannot_decrypt(keys: dict[str, Any]) -> None:
     with pytest.raises(KeyStoreError) as ei:
         keys["p256"].decrypt(b"\0" * 32)
     assert ei.value.hresult == NTE_NOT_SUPPORTED
+
+
+# --- use from the event loop ------------------------------------------------------------------
+
+def test_usable_through_asyncio_to_thread(store: KeyStore) -> None:
+    """How the agent calls stores: blocking work off the loop, several devices at once."""
+    import asyncio
+
+    async def enroll_like(i: int) -> bool:
+        h = await asyncio.to_thread(store.create, KeySpec(KeyAlgorithm.EC, 256))
+        data = f"csr {i}".encode()
+        sig = await asyncio.to_thread(h.sign, data, HashAlg.SHA256)
+        _verify(h.public_key(), sig, data, HashAlg.SHA256, Padding.PKCS1V15)
+        return (await asyncio.to_thread(store.load, h.key_id)).key_id == h.key_id
+
+    async def main() -> list[bool]:
+        return list(await asyncio.gather(*(enroll_like(i) for i in range(6))))
+
+    assert asyncio.run(main()) == [True] * 6
+    assert len(store.list_ids()) == 6

@@ -28,6 +28,24 @@ def _absent_tcti() -> str:
     return f"swtpm:host=127.0.0.1,port={free_port()}"  # nothing listens there
 
 
+def _silent_pair() -> tuple[socket.socket, socket.socket]:
+    """Listening sockets on P and P+1 that never answer (swtpm's data and control ports)."""
+    for _ in range(50):
+        a = socket.socket()
+        a.bind(("127.0.0.1", 0))
+        b = socket.socket()
+        try:
+            b.bind(("127.0.0.1", a.getsockname()[1] + 1))
+        except OSError:
+            a.close()
+            b.close()
+            continue
+        a.listen()
+        b.listen()
+        return a, b
+    raise RuntimeError("no free port pair")
+
+
 @pytest.mark.parametrize("kp", [1, 2])
 def test_tpm_present(tmp_path: Path, swtpm: SwtpmInstance, kp: int) -> None:
     from keystores.tpm import TpmKeyStore
@@ -62,16 +80,9 @@ def test_tpm_preferred_but_absent_falls_back(tmp_path: Path) -> None:
 
 def test_tpm_that_hangs_counts_as_absent(tmp_path: Path) -> None:
     """Accepting but never answering (a wedged TPM) must not hang enrollment."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        port = a.getsockname()[1]
-        try:
-            b.bind(("127.0.0.1", port + 1))
-        except OSError:
-            pytest.skip("port + 1 taken")
-        a.listen()
-        b.listen()
-        tcti = f"swtpm:host=127.0.0.1,port={port}"
+    a, b = _silent_pair()
+    with a, b:
+        tcti = f"swtpm:host=127.0.0.1,port={a.getsockname()[1]}"
         assert isinstance(_select(tmp_path, 2, tcti, timeout=0.3), SoftwareKeyStore)
         with pytest.raises(TpmUnavailableError, match="did not answer"):
             _select(tmp_path, 1, tcti, timeout=0.3)

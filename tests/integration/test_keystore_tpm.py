@@ -246,6 +246,7 @@ def test_probe_nothing_listening() -> None:
         probe_tpm(f"swtpm:host=127.0.0.1,port={port}", timeout=5)
     assert ei.value.hresult == 0x8028400F
     assert str(port) in ei.value.message
+    assert "port + 1" in ei.value.advice  # the swtpm control channel, a common mistake
 
 
 def test_probe_silent_peer_times_out() -> None:
