@@ -197,8 +197,8 @@ def rsa_sign_padding(pad: Padding, h: hashes.HashAlgorithm) -> padding.Asymmetri
     if pad is Padding.PKCS1V15:
         return padding.PKCS1v15()
     if pad is Padding.PSS:
-        # Salt = digest length: what the TPM's RSASSA-PSS uses (TPM 2.0 Part 1 §B.7) and what
-        # CNG callers pass, so software and TPM signatures are interchangeable.
+        # Salt = digest length: what libtpms' TPM2_Sign with RSAPSS uses (the contract tests
+        # verify it) and what CNG callers pass, so software and TPM signatures look alike.
         return padding.PSS(mgf=padding.MGF1(h), salt_length=padding.PSS.DIGEST_LENGTH)
     raise KeyStoreError(f"{pad.value} is not a signature padding", hresult=NTE_INVALID_PARAMETER)
 

@@ -1,7 +1,7 @@
 """TPM sealing: the `Sealing` protocol with the secret bound to this TPM (DPAPI's TPM analog).
 
 `TpmSealer.seal` makes a fresh 256-bit AES key, seals it in a keyedhash data object under the
-owner SRK (TPM2_Create with the key as sensitive data: TPM 2.0 Part 1 §27.6 "Sealed Data"), and
+owner SRK (TPM2_Create with the key as sensitive data: a TPM 2.0 "sealed data object"), and
 encrypts the plaintext with AES-256-GCM under it, the *purpose* as associated data (as
 `agent.sealing` does, so a blob moved to another purpose does not unseal). The blob is
 self-contained:
@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keystores.base import NTE_BAD_DATA, KeyStoreError, TpmUnavailableError
-from keystores.tpm import TpmConnection, TSS2_Exception, require_tss
+from keystores.tpm_session import TpmConnection, TSS2_Exception, require_tss
 
 MAGIC: Final = b"DMT1"
 _NONCE_LEN: Final = 12

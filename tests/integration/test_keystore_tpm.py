@@ -272,9 +272,10 @@ def test_probe_bad_tcti(tcti: str) -> None:
 
 def test_missing_tpm2_pytss_is_tpm_unavailable(monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
-    from keystores import tpm
+    from keystores import tpm, tpm_session
 
-    monkeypatch.setattr(tpm, "_IMPORT_ERROR", ImportError("No module named 'tpm2_pytss'"))
+    monkeypatch.setattr(tpm_session, "_IMPORT_ERROR",
+                        ImportError("No module named 'tpm2_pytss'"))
     with pytest.raises(TpmUnavailableError, match="tpm2-pytss") as ei:
         tpm.TpmKeyStore("swtpm:", tmp_path)
     assert "dmagent[tpm]" in ei.value.advice
