@@ -451,7 +451,7 @@ class CsrRequest:
 
     subject: str = ""
     subject_alt_names: str = ""
-    key_usage: int | None = None
+    key_usage: int | str | None = None  # CERT_*_KEY_USAGE bits (decimal text from Install)
     eku: str = ""
     template_name: str = ""
     valid_period: str = ""

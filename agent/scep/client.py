@@ -23,17 +23,42 @@ import base64
 import logging
 import socket
 import ssl
+import sys
+import types
 import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
-
-import httpx
 
 from agent.config import ScepConfig
 from agent.diagnostics import HResult, hresult_from_http_status
 from agent.errors import DmAgentError, PeerError, UnreachableError
 from agent.scep.cacerts import CaCertificates, parse_ca_certs
 from agent.scep.capabilities import Capabilities, parse_caps
+
+
+def _skip_httpx_cli() -> None:
+    """Keep `import httpx` from importing httpx's command-line tool.
+
+    httpx/__init__ imports `httpx._main` (the `httpx` console command) whenever rich and click
+    are installed, and rich is one of our dependencies: ~50 ms of every `dmagent scep` start
+    spent on a progress-bar library nothing here calls. A stand-in module with the same `main`
+    name is registered only if httpx has not been imported yet; `httpx.main` then says what
+    happened instead of running.
+    """
+    if "httpx" in sys.modules or "httpx._main" in sys.modules:
+        return
+    stub = types.ModuleType("httpx._main")
+
+    def main(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the httpx command-line tool is not loaded inside dmagent")
+
+    stub.main = main  # type: ignore[attr-defined]
+    sys.modules["httpx._main"] = stub
+
+
+_skip_httpx_cli()
+
+import httpx  # noqa: E402 - after the stand-in above
 
 log = logging.getLogger("dmagent.scep")
 
@@ -80,6 +105,46 @@ def endpoints_for(server_url: str, windows_url_form: bool) -> list[list[Endpoint
     return out
 
 
+class _LazyTlsTransport(httpx.AsyncBaseTransport):
+    """Plain-HTTP requests use a transport without CA bundle; the TLS one is built on demand.
+
+    Loading the CA bundle into an SSLContext costs ~45 ms, which httpx pays when a client is
+    created even if every ServerURL is http:// (the usual NDES and micromdm set-up on an
+    internal network). TLS verification is unchanged for https: that transport is created,
+    with `verify`, the first time an https URL (or a redirect to one) is requested.
+    """
+
+    def __init__(self, verify: bool | str, limits: httpx.Limits) -> None:
+        self._verify = verify
+        self._limits = limits
+        # verify=False: this transport only ever carries http:// requests (no TLS at all).
+        self._plain = httpx.AsyncHTTPTransport(verify=False, limits=limits)
+        self._tls: httpx.AsyncHTTPTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme == "http":
+            return await self._plain.handle_async_request(request)
+        if self._tls is None:
+            self._tls = httpx.AsyncHTTPTransport(verify=self._verify, limits=self._limits)
+        return await self._tls.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._plain.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
+
+
+def make_http_client(config: ScepConfig | None = None, *,
+                     verify: bool | str = True) -> httpx.AsyncClient:
+    """The HTTP client SCEP uses: Windows' User-Agent, scep.timeout, redirects followed
+    (WinHTTP follows them), environment proxies honoured, TLS set up only when needed."""
+    cfg = config or ScepConfig()
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=5)
+    return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), follow_redirects=True,
+                             headers={"User-Agent": cfg.user_agent},
+                             transport=_LazyTlsTransport(verify, limits))
+
+
 def _with_query(url: str, query: str) -> str:
     return url + ("&" if "?" in url else "?") + query
 
@@ -92,9 +157,7 @@ class ScepClient:
         self.config = config or ScepConfig()
         self._candidates = endpoints_for(server_url, self.config.windows_url_form)
         self._own_http = http is None
-        self._http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(self.config.timeout), verify=verify, follow_redirects=True,
-            headers={"User-Agent": self.config.user_agent})
+        self._http = http or make_http_client(self.config, verify=verify)
         self.endpoint: Endpoint | None = None
         self.attempts: list[tuple[str, str]] = []  # (url, outcome) in order, for diagnostics
 
