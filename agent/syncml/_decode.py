@@ -1,0 +1,389 @@
+"""The decoding half of `agent.syncml.codec` (use `codec.decode`, not this module).
+
+Walks the lxml tree by local name: servers put the MetInf children in `syncml:metinf` (declared on
+each element, as MS-MDM's examples do) or leave them in the SyncML namespace; both are read.
+Element order inside a command is not enforced (servers differ), but structure is: an element
+that must hold text and holds elements, a Status whose code is not a number, a size that is not
+a non-negative decimal, a missing SyncHdr, SessionID or MsgID are all errors. Unknown elements
+inside a command are skipped; unknown elements in SyncBody, Atomic and Sequence become
+`UnknownCommand` (answered 400, MS-MDM "OMA DM protocol support").
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+from lxml import etree
+
+from agent.syncml._text import escape
+from agent.syncml.messages import (
+    CONTAINER_COMMANDS,
+    ITEM_COMMANDS,
+    SYNCML_NS,
+    Alert,
+    Chal,
+    Cmd,
+    Command,
+    Container,
+    Cred,
+    Item,
+    ItemCommand,
+    Meta,
+    Results,
+    Status,
+    SyncHdr,
+    SyncMLMessage,
+    UnknownCommand,
+)
+
+_NS_PREFIX = "{" + SYNCML_NS + "}"
+_MAX_INT_DIGITS = 12  # sizes and status codes; Python's int() would also take "1_0" and "١"
+
+
+class DecodeFailure(Exception):
+    """Internal: turned into SyncMLDecodeError by the codec."""
+
+
+def decode(data: bytes, max_bytes: int, max_nesting: int) -> SyncMLMessage:
+    if not data:
+        raise DecodeFailure("empty message")
+    if len(data) > max_bytes:
+        raise DecodeFailure(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeFailure(f"not UTF-8: invalid byte 0x{data[exc.start]:02X} at offset "
+                            f"{exc.start}") from None
+    _check_prolog(data)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                             huge_tree=False, remove_comments=True, remove_pis=True,
+                             collect_ids=False, encoding="utf-8")
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise DecodeFailure(f"malformed XML: {exc}") from None
+    if root.getroottree().docinfo.internalDTD is not None:  # _check_prolog should have caught it
+        raise DecodeFailure("a DOCTYPE is not allowed")
+    return _Decoder(max_nesting).message(root)
+
+
+def _check_prolog(data: bytes) -> None:
+    """Refuse a DOCTYPE before parsing: it is the only way to declare entities (billion laughs,
+    external entities), and SyncML never needs one. Only the prolog can hold it (XML 1.0 §2.8),
+    so text inside Data that merely mentions <!DOCTYPE is not affected."""
+    i = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    n = len(data)
+    while i < n:
+        while i < n and data[i] in b" \t\r\n":
+            i += 1
+        if data.startswith(b"<?", i):
+            end = data.find(b"?>", i + 2)
+            if end < 0:
+                return  # the parser reports the unterminated declaration
+            i = end + 2
+        elif data.startswith(b"<!--", i):
+            end = data.find(b"-->", i + 4)
+            if end < 0:
+                return
+            i = end + 3
+        elif data.startswith(b"<!", i):
+            what = "a DOCTYPE" if data.startswith(b"<!DOCTYPE", i) else "a markup declaration"
+            raise DecodeFailure(f"{what} is not allowed (offset {i}); SyncML messages carry "
+                                "no DTD and entity declarations are refused")
+        else:
+            return
+
+
+def _local(tag: object) -> str:
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
+
+
+def _children(el: etree._Element) -> Iterator[tuple[str, etree._Element]]:
+    for child in el:
+        tag = child.tag
+        if isinstance(tag, str):
+            yield tag.rpartition("}")[2], child
+
+
+def _text(el: etree._Element, what: str) -> str:
+    if len(el):
+        raise DecodeFailure(f"<{what}> must hold text, found element "
+                            f"<{_local(el[0].tag)}> (line {el.sourceline})")
+    return el.text or ""
+
+
+def _int(el: etree._Element, what: str) -> int:
+    text = _text(el, what).strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_INT_DIGITS):
+        raise DecodeFailure(f"<{what}> must be a non-negative decimal number, got {text[:40]!r} "
+                            f"(line {el.sourceline})")
+    return int(text)
+
+
+def _inner_xml(el: etree._Element) -> str:
+    """Data with child elements: its content serialized, minus the SyncML default namespace
+    the children inherit when the server did not declare one of their own (MS-MDM §2.2.5.1)."""
+    parts = [escape(el.text or "")]
+    # Comments and PIs were removed by the parser and entities cannot be declared, so every
+    # child is an element.
+    for child in el:
+        clone = copy.deepcopy(child)
+        for sub in clone.iter():
+            if isinstance(sub.tag, str) and sub.tag.startswith(_NS_PREFIX):
+                sub.tag = sub.tag[len(_NS_PREFIX):]
+        etree.cleanup_namespaces(clone)
+        parts.append(etree.tostring(clone, encoding="unicode", with_tail=True))
+    return "".join(parts)
+
+
+class _Decoder:
+    def __init__(self, max_nesting: int) -> None:
+        self.max_nesting = max_nesting
+
+    def message(self, root: etree._Element) -> SyncMLMessage:
+        if root.tag != _NS_PREFIX + "SyncML":
+            local = _local(root.tag)
+            if local == "SyncML":
+                ns = root.tag[1:].partition("}")[0] if root.tag.startswith("{") else "(none)"
+                raise DecodeFailure(f"<SyncML> must be in namespace {SYNCML_NS}, found {ns}")
+            raise DecodeFailure(f"not a SyncML message: the root element is <{local}>")
+        header_el = body_el = None
+        for local, child in _children(root):
+            if local == "SyncHdr":
+                if header_el is not None:
+                    raise DecodeFailure("more than one <SyncHdr>")
+                header_el = child
+            elif local == "SyncBody":
+                if body_el is not None:
+                    raise DecodeFailure("more than one <SyncBody>")
+                body_el = child
+        if header_el is None:
+            raise DecodeFailure("<SyncHdr> is missing")
+        header = self.header(header_el)
+        if body_el is None:  # MS-MDM §3: a message MAY omit SyncBody
+            return SyncMLMessage(header, (), final=False)
+        body: list[Command] = []
+        final = False
+        for local, child in _children(body_el):
+            if local == "Final":
+                final = True
+            else:
+                body.append(self.command(local, child, 0))
+        return SyncMLMessage(header, tuple(body), final)
+
+    def header(self, el: etree._Element) -> SyncHdr:
+        values: dict[str, str] = {}
+        target = source = None
+        target_name = source_name = resp_uri = None
+        cred = meta = None
+        no_resp = False
+        for local, child in _children(el):
+            if local in ("VerDTD", "VerProto", "SessionID", "MsgID"):
+                values.setdefault(local, _text(child, local).strip())
+            elif local == "Target" and target is None:
+                target, target_name = self.loc(child, "Target")
+            elif local == "Source" and source is None:
+                source, source_name = self.loc(child, "Source")
+            elif local == "RespURI":
+                resp_uri = _text(child, local).strip()
+            elif local == "NoResp":
+                no_resp = True
+            elif local == "Cred":
+                cred = self.cred(child)
+            elif local == "Meta":
+                meta = self.meta(child)
+        for required in ("SessionID", "MsgID"):
+            if not values.get(required):
+                raise DecodeFailure(f"<SyncHdr> has no <{required}>")
+        if target is None or source is None:
+            missing = "Target" if target is None else "Source"
+            raise DecodeFailure(f"<SyncHdr> has no <{missing}><LocURI>")
+        return SyncHdr(session_id=values["SessionID"], msg_id=values["MsgID"], target=target,
+                       source=source, source_name=source_name, target_name=target_name,
+                       cred=cred, meta=meta, resp_uri=resp_uri, no_resp=no_resp,
+                       ver_dtd=values.get("VerDTD", ""), ver_proto=values.get("VerProto", ""))
+
+    def loc(self, el: etree._Element, what: str) -> tuple[str | None, str | None]:
+        uri = name = None
+        for local, child in _children(el):
+            if local == "LocURI" and uri is None:
+                uri = _text(child, f"{what}/LocURI").strip()  # servers indent LocURIs
+            elif local == "LocName" and name is None:
+                name = _text(child, f"{what}/LocName")
+        return uri, name
+
+    def meta(self, el: etree._Element) -> Meta:
+        fmt = typ = nonce = None
+        size = max_msg = max_obj = None
+        for local, child in _children(el):
+            if local == "Format":
+                fmt = _text(child, "Meta/Format").strip()
+            elif local == "Type":
+                typ = _text(child, "Meta/Type").strip()
+            elif local == "Size":
+                size = _int(child, "Meta/Size")
+            elif local == "MaxMsgSize":
+                max_msg = _int(child, "Meta/MaxMsgSize")
+            elif local == "MaxObjSize":
+                max_obj = _int(child, "Meta/MaxObjSize")
+            elif local == "NextNonce":
+                nonce = _text(child, "Meta/NextNonce").strip()
+            elif local == "MetInf":  # SyncML allows the MetInf children wrapped in <MetInf>
+                inner = self.meta(child)
+                fmt, typ, size = fmt or inner.format, typ or inner.type, size or inner.size
+                nonce = nonce or inner.next_nonce
+                max_msg, max_obj = max_msg or inner.max_msg_size, max_obj or inner.max_obj_size
+        return Meta(format=fmt, type=typ, size=size, max_msg_size=max_msg,
+                    max_obj_size=max_obj, next_nonce=nonce)
+
+    def cred(self, el: etree._Element) -> Cred:
+        meta = Meta()
+        data = ""
+        for local, child in _children(el):
+            if local == "Meta":
+                meta = self.meta(child)
+            elif local == "Data":
+                data = _text(child, "Cred/Data").strip()
+        return Cred(meta, data)
+
+    def item(self, el: etree._Element) -> Item:
+        target = source = source_name = data = None
+        meta = None
+        more = is_xml = False
+        for local, child in _children(el):
+            if local == "Target":
+                target, _ = self.loc(child, "Item/Target")
+            elif local == "Source":
+                source, source_name = self.loc(child, "Item/Source")
+            elif local == "Meta":
+                meta = self.meta(child)
+            elif local == "Data":
+                if len(child):
+                    data, is_xml = _inner_xml(child), True
+                else:
+                    data = child.text or ""
+            elif local == "MoreData":
+                more = True
+        return Item(target=target, source=source, source_name=source_name, meta=meta,
+                    data=data, more_data=more, data_is_xml=is_xml)
+
+    def command(self, local: str, el: etree._Element, depth: int) -> Command:
+        if local in ITEM_COMMANDS:
+            return self.item_command(Cmd(local), el)
+        if local in CONTAINER_COMMANDS:
+            return self.container(Cmd(local), el, depth)
+        if local == "Alert":
+            return self.alert(el)
+        if local == "Status":
+            return self.status(el)
+        if local == "Results":
+            return self.results(el)
+        return UnknownCommand(local, self.cmd_id(el))
+
+    @staticmethod
+    def cmd_id(el: etree._Element) -> str | None:
+        for local, child in _children(el):
+            if local == "CmdID":
+                return _text(child, "CmdID").strip()  # opaque text: servers send UUIDs
+        return None
+
+    def item_command(self, kind: Cmd, el: etree._Element) -> ItemCommand:
+        cmd_id = None
+        items: list[Item] = []
+        meta = cred = None
+        no_resp = False
+        for local, child in _children(el):
+            if local == "CmdID" and cmd_id is None:
+                cmd_id = _text(child, "CmdID").strip()
+            elif local == "Item":
+                items.append(self.item(child))
+            elif local == "Meta":
+                meta = self.meta(child)
+            elif local == "NoResp":
+                no_resp = True
+            elif local == "Cred":
+                cred = self.cred(child)
+        return ItemCommand(kind, cmd_id, tuple(items), meta, no_resp, cred)
+
+    def container(self, kind: Cmd, el: etree._Element, depth: int) -> Container:
+        if depth >= self.max_nesting:
+            raise DecodeFailure(f"<{kind.value}> nested deeper than {self.max_nesting} levels "
+                                f"(line {el.sourceline})")
+        cmd_id = None
+        meta = None
+        no_resp = False
+        commands: list[Command] = []
+        for local, child in _children(el):
+            if local == "CmdID" and cmd_id is None:
+                cmd_id = _text(child, "CmdID").strip()
+            elif local == "Meta":
+                meta = self.meta(child)
+            elif local == "NoResp":
+                no_resp = True
+            else:
+                commands.append(self.command(local, child, depth + 1))
+        return Container(kind, cmd_id, tuple(commands), meta, no_resp)
+
+    def alert(self, el: etree._Element) -> Alert:
+        cmd_id = None
+        data = ""
+        items: list[Item] = []
+        no_resp = False
+        for local, child in _children(el):
+            if local == "CmdID" and cmd_id is None:
+                cmd_id = _text(child, "CmdID").strip()
+            elif local == "Data":
+                data = _text(child, "Alert/Data").strip()
+            elif local == "Item":
+                items.append(self.item(child))
+            elif local == "NoResp":
+                no_resp = True
+        return Alert(cmd_id, data, tuple(items), no_resp)
+
+    def status(self, el: etree._Element) -> Status:
+        values: dict[str, str] = {}
+        code: int | None = None
+        targets: list[str] = []
+        sources: list[str] = []
+        items: list[Item] = []
+        chal = None
+        for local, child in _children(el):
+            if local in ("CmdID", "MsgRef", "CmdRef", "Cmd"):
+                values.setdefault(local, _text(child, f"Status/{local}").strip())
+            elif local == "Data" and code is None:
+                code = _int(child, "Status/Data")
+            elif local == "TargetRef":
+                targets.append(_text(child, "TargetRef").strip())
+            elif local == "SourceRef":
+                sources.append(_text(child, "SourceRef").strip())
+            elif local == "Item":
+                items.append(self.item(child))
+            elif local == "Chal":
+                meta = Meta()
+                for sub_local, sub in _children(child):
+                    if sub_local == "Meta":
+                        meta = self.meta(sub)
+                chal = Chal(meta)
+        if code is None:
+            raise DecodeFailure(f"<Status> without a <Data> code (line {el.sourceline})")
+        return Status(cmd_id=values.get("CmdID", ""), msg_ref=values.get("MsgRef", ""),
+                      cmd_ref=values.get("CmdRef", ""), cmd=values.get("Cmd", ""), data=code,
+                      target_refs=tuple(targets), source_refs=tuple(sources), chal=chal,
+                      items=tuple(items))
+
+    def results(self, el: etree._Element) -> Results:
+        values: dict[str, str] = {}
+        items: list[Item] = []
+        meta = None
+        for local, child in _children(el):
+            if local in ("CmdID", "MsgRef", "CmdRef", "TargetRef", "SourceRef"):
+                values.setdefault(local, _text(child, f"Results/{local}").strip())
+            elif local == "Meta":
+                meta = self.meta(child)
+            elif local == "Item":
+                items.append(self.item(child))
+        # MS-MDM §2.2.7.8: a Results without MsgRef refers to message 1.
+        return Results(cmd_id=values.get("CmdID", ""), msg_ref=values.get("MsgRef", "1"),
+                       cmd_ref=values.get("CmdRef", ""), items=tuple(items), meta=meta,
+                       target_ref=values.get("TargetRef"), source_ref=values.get("SourceRef"))

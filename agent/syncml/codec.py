@@ -1,0 +1,247 @@
+"""SyncML 1.2 XML ⇄ `SyncMLMessage` (sans-IO): a hardened decoder and a byte-exact encoder.
+
+Decoding treats every byte as hostile (the server is a peer, possibly a test rig or an attacker):
+the size is checked before anything else, the bytes must be UTF-8, a DOCTYPE (and with it every
+entity declaration: billion laughs, XXE) is refused before the parser sees the document, and
+lxml runs with entity resolution, DTD loading and network access off and its huge-tree guard on
+(libxml2 then refuses nesting deeper than 256). Every failure is one `SyncMLDecodeError` with a
+precise message, raised in milliseconds.
+
+Encoding produces what the Windows client sends (MS-MDM §4 examples): no XML declaration, no
+whitespace between elements, `xmlns="SYNCML:SYNCML1.2"` on the root and `xmlns="syncml:metinf"`
+on each Meta child. Element order follows the SyncML 1.2 DTD (OMA-TS-SyncML_RepPro §5/§6).
+Strings are built directly rather than through an lxml tree: it is several times faster and
+lets the session measure each command's encoded size exactly when it packs messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.diagnostics import HResult
+from agent.errors import PeerError
+from agent.syncml import _decode
+from agent.syncml._text import INVALID_XML, escape
+from agent.syncml.messages import (
+    METINF_NS,
+    SYNCML_NS,
+    Alert,
+    Chal,
+    Command,
+    Container,
+    Cred,
+    Item,
+    ItemCommand,
+    Meta,
+    Results,
+    Status,
+    SyncHdr,
+    SyncMLMessage,
+    UnknownCommand,
+)
+
+__all__ = ["DEFAULT_LIMITS", "INVALID_XML", "MESSAGE_OVERHEAD", "DecodeLimits",
+           "SyncMLDecodeError", "decode", "encode", "encode_command", "encode_header", "escape"]
+
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_NESTING = 16
+
+
+class SyncMLDecodeError(PeerError):
+    """The server's message is not a SyncML 1.2 document the client can read."""
+
+    default_hresult = HResult.CFGMGR_E_XMLPARSEERROR
+
+    def __init__(self, message: str, *, hresult: int | None = None, advice: str = "") -> None:
+        super().__init__(f"invalid SyncML from the server: {message}", hresult=hresult,
+                         advice=advice or "the server sent a malformed message; run with -vv "
+                                          "to see it, then fix the server")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_nesting: int = DEFAULT_MAX_NESTING  # Atomic/Sequence inside Atomic/Sequence
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> SyncMLMessage:
+    """Parse one server message. Raises `SyncMLDecodeError` and nothing else on bad input."""
+    try:
+        return _decode.decode(bytes(data), limits.max_bytes, limits.max_nesting)
+    except _decode.DecodeFailure as exc:
+        raise SyncMLDecodeError(str(exc)) from None
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+_ROOT_OPEN = f'<SyncML xmlns="{SYNCML_NS}">'
+_BODY_OPEN = "<SyncBody>"
+_FINAL = "<Final/>"
+_CLOSE = "</SyncBody></SyncML>"
+# Bytes a message adds around its header and commands (with Final): for message packing.
+MESSAGE_OVERHEAD = len(_ROOT_OPEN) + len(_BODY_OPEN) + len(_FINAL) + len(_CLOSE)
+
+def encode(message: SyncMLMessage) -> bytes:
+    parts = [_ROOT_OPEN, encode_header(message.header), _BODY_OPEN]
+    parts += [encode_command(cmd) for cmd in message.body]
+    if message.final:
+        parts.append(_FINAL)
+    parts.append(_CLOSE)
+    return "".join(parts).encode("utf-8")
+
+
+def encode_header(h: SyncHdr) -> str:
+    out = ["<SyncHdr><VerDTD>", escape(h.ver_dtd), "</VerDTD><VerProto>", escape(h.ver_proto),
+           "</VerProto><SessionID>", escape(h.session_id), "</SessionID><MsgID>",
+           escape(h.msg_id), "</MsgID>", _loc("Target", h.target, h.target_name),
+           _loc("Source", h.source, h.source_name)]
+    if h.resp_uri is not None:
+        out += ["<RespURI>", escape(h.resp_uri), "</RespURI>"]
+    if h.no_resp:
+        out.append("<NoResp/>")
+    if h.cred is not None:
+        out.append(_cred(h.cred))
+    if h.meta is not None:
+        out.append(_meta(h.meta))
+    out.append("</SyncHdr>")
+    return "".join(out)
+
+
+def encode_command(cmd: Command) -> str:
+    """One SyncBody element; messages are the concatenation of these (see MESSAGE_OVERHEAD)."""
+    if isinstance(cmd, Status):
+        return _status(cmd)
+    if isinstance(cmd, Results):
+        return _results(cmd)
+    if isinstance(cmd, ItemCommand):
+        return _item_command(cmd)
+    if isinstance(cmd, Alert):
+        return _alert(cmd)
+    if isinstance(cmd, Container):
+        return _container(cmd)
+    return _unknown(cmd)
+
+
+def _cmd_id(cmd_id: str | None) -> str:
+    return "" if cmd_id is None else f"<CmdID>{escape(cmd_id)}</CmdID>"
+
+
+def _loc(tag: str, uri: str, name: str | None = None) -> str:
+    inner = f"<LocURI>{escape(uri)}</LocURI>"
+    if name is not None:
+        inner += f"<LocName>{escape(name)}</LocName>"
+    return f"<{tag}>{inner}</{tag}>"
+
+
+def _metinf(tag: str, value: object) -> str:
+    return f'<{tag} xmlns="{METINF_NS}">{escape(str(value))}</{tag}>'
+
+
+def _meta(m: Meta) -> str:
+    # MetInf DTD order: Format, Type, Mark, Size, Anchor, Version, NextNonce, MaxMsgSize,
+    # MaxObjSize (OMA-TS-SyncML_MetaInfo §5).
+    out = ["<Meta>"]
+    for tag, value in (("Format", m.format), ("Type", m.type), ("Size", m.size),
+                       ("NextNonce", m.next_nonce), ("MaxMsgSize", m.max_msg_size),
+                       ("MaxObjSize", m.max_obj_size)):
+        if value is not None:
+            out.append(_metinf(tag, value))
+    out.append("</Meta>")
+    return "".join(out)
+
+
+def _cred(c: Cred) -> str:
+    return f"<Cred>{_meta(c.meta)}<Data>{escape(c.data)}</Data></Cred>"
+
+
+def _chal(c: Chal) -> str:
+    return f"<Chal>{_meta(c.meta)}</Chal>"
+
+
+def _item(it: Item) -> str:
+    out = ["<Item>"]
+    if it.target is not None:
+        out.append(_loc("Target", it.target))
+    if it.source is not None or it.source_name is not None:
+        out.append(_loc("Source", it.source or "", it.source_name))
+    if it.meta is not None:
+        out.append(_meta(it.meta))
+    if it.data is not None:
+        # Markup Data (data_is_xml) came from a parsed document or a CSP that produced XML:
+        # written as is, so the receiver sees elements, not escaped text.
+        out += ["<Data>", it.data if it.data_is_xml else escape(it.data), "</Data>"]
+    if it.more_data:
+        out.append("<MoreData/>")
+    out.append("</Item>")
+    return "".join(out)
+
+
+def _item_command(c: ItemCommand) -> str:
+    tag = c.kind.value
+    out = [f"<{tag}>", _cmd_id(c.cmd_id)]
+    if c.no_resp:
+        out.append("<NoResp/>")
+    if c.cred is not None:
+        out.append(_cred(c.cred))
+    if c.meta is not None:
+        out.append(_meta(c.meta))
+    out += [_item(it) for it in c.items]
+    out.append(f"</{tag}>")
+    return "".join(out)
+
+
+def _alert(a: Alert) -> str:
+    out = ["<Alert>", _cmd_id(a.cmd_id)]
+    if a.no_resp:
+        out.append("<NoResp/>")
+    out += ["<Data>", escape(a.data), "</Data>"]
+    out += [_item(it) for it in a.items]
+    out.append("</Alert>")
+    return "".join(out)
+
+
+def _container(c: Container) -> str:
+    tag = c.kind.value
+    out = [f"<{tag}>", _cmd_id(c.cmd_id)]
+    if c.no_resp:
+        out.append("<NoResp/>")
+    if c.meta is not None:
+        out.append(_meta(c.meta))
+    out += [encode_command(sub) for sub in c.commands]
+    out.append(f"</{tag}>")
+    return "".join(out)
+
+
+def _unknown(u: UnknownCommand) -> str:
+    return f"<{u.name}>{_cmd_id(u.cmd_id)}</{u.name}>"
+
+
+def _status(s: Status) -> str:
+    out = ["<Status>", _cmd_id(s.cmd_id), "<MsgRef>", escape(s.msg_ref), "</MsgRef><CmdRef>",
+           escape(s.cmd_ref), "</CmdRef><Cmd>", escape(s.cmd), "</Cmd>"]
+    out += [f"<TargetRef>{escape(t)}</TargetRef>" for t in s.target_refs]
+    out += [f"<SourceRef>{escape(r)}</SourceRef>" for r in s.source_refs]
+    if s.chal is not None:
+        out.append(_chal(s.chal))
+    out += ["<Data>", str(s.data), "</Data>"]
+    out += [_item(it) for it in s.items]
+    out.append("</Status>")
+    return "".join(out)
+
+
+def _results(r: Results) -> str:
+    # MS-MDM §2.2.7.8: Windows writes <Cmd>Get</Cmd> in Results (the SyncML DTD does not).
+    out = ["<Results>", _cmd_id(r.cmd_id), "<MsgRef>", escape(r.msg_ref), "</MsgRef><CmdRef>",
+           escape(r.cmd_ref), "</CmdRef><Cmd>Get</Cmd>"]
+    if r.meta is not None:
+        out.append(_meta(r.meta))
+    if r.target_ref is not None:
+        out.append(f"<TargetRef>{escape(r.target_ref)}</TargetRef>")
+    if r.source_ref is not None:
+        out.append(f"<SourceRef>{escape(r.source_ref)}</SourceRef>")
+    out += [_item(it) for it in r.items]
+    out.append("</Results>")
+    return "".join(out)
