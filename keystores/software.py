@@ -44,6 +44,7 @@ from keystores.base import (
     Padding,
     PublicKey,
     Sealing,
+    TpmUnavailableError,
     check_spec_shape,
     key_id_for,
 )
@@ -262,6 +263,8 @@ class SoftwareKeyStore:
         spec, _ = spec_from_json(meta, key_id)
         try:
             password = self._sealing.unseal(sealed, purpose=f"key:{key_id}")
+        except TpmUnavailableError:
+            raise  # a TPM-backed sealer whose TPM is down: say that, not "wrong key"
         except Exception as exc:  # the Sealing implementation's own error type
             raise KeyStoreError(
                 f"the password of key {key_id} does not unseal: {exc}", hresult=NTE_BAD_KEYSET,

@@ -222,9 +222,17 @@ def test_survives_swtpm_restart(
         tmp_path: Path, restartable: tuple[Path, int, list[subprocess.Popen[bytes]]]) -> None:
     state, port, procs = restartable
     procs.append(_swtpm_at(state, port))
-    store = TpmKeyStore(f"swtpm:host=127.0.0.1,port={port}", tmp_path / "keys")
+    tcti = f"swtpm:host=127.0.0.1,port={port}"
+    store = TpmKeyStore(tcti, tmp_path / "keys")
     h = store.create(EC)
+    from keystores.software import SoftwareKeyStore
+
+    soft = SoftwareKeyStore(tmp_path / "soft", TpmSealer(tcti))  # passwords sealed by this TPM
+    sh = soft.create(EC)
     stop_process(procs[-1])
+
+    with pytest.raises(TpmUnavailableError):  # not "sealed under another machine key"
+        soft.load(sh.key_id)
 
     with pytest.raises(TpmUnavailableError) as ei:
         h.sign(b"x", HashAlg.SHA256)
@@ -238,6 +246,7 @@ def test_survives_swtpm_restart(
     sig = h.sign(b"x", HashAlg.SHA256)
     _ec(h.public_key()).verify(sig, b"x", ec.ECDSA(hashes.SHA256()))
     assert store.load(h.key_id).key_id == h.key_id
+    assert soft.load(sh.key_id).public_key() == sh.public_key()
 
 
 def test_probe_nothing_listening() -> None:

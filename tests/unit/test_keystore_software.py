@@ -21,6 +21,7 @@ from keystores.base import (
     KeySpec,
     KeyStore,
     KeyStoreError,
+    TpmUnavailableError,
     key_id_for,
 )
 from keystores.software import SoftwareKeyStore, write_atomic
@@ -77,6 +78,23 @@ def test_wrong_sealing_key_is_a_clear_error(tmp_path: Path, store: SoftwareKeySt
     assert "does not unseal" in ei.value.message
     assert "machine key" in ei.value.advice
     assert other.list_ids() == [h.key_id]  # still there: nothing was destroyed
+
+
+def test_unavailable_tpm_sealer_is_not_reported_as_a_wrong_key(
+        store: SoftwareKeyStore) -> None:
+    """A TPM-backed Sealing whose TPM is down: the error says so (see test_keystore_tpm for the
+    real TpmSealer); this stand-in only raises what TpmSealer raises then."""
+    h = store.create(EC)
+
+    class DownSealer:
+        def seal(self, plaintext: bytes, purpose: str) -> bytes:
+            raise AssertionError("not called")
+
+        def unseal(self, blob: bytes, purpose: str) -> bytes:
+            raise TpmUnavailableError("the TPM at 'swtpm:...' does not answer")
+
+    with pytest.raises(TpmUnavailableError):
+        SoftwareKeyStore(store.directory, DownSealer()).load(h.key_id)
 
 
 def test_password_bound_to_its_key(store: SoftwareKeyStore) -> None:
