@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from agent.events import EventLog
     from agent.registry import Registry
     from agent.sealing import Sealer
+    from keystores.base import KeyStore
 
 
 class DeviceContext:
@@ -43,6 +44,24 @@ class DeviceContext:
         from agent.events import EventLog
 
         return EventLog(self.config.events_path, device=self.device.device_id)
+
+    def keystore(self, kind: str) -> KeyStore:
+        """The key store a recorded key lives in ("software" or "tpm")."""
+        if kind == "tpm":
+            from keystores.tpm import TpmKeyStore
+
+            return TpmKeyStore(self.config.tpm.tcti, self.config.keys_dir / "tpm")
+        from keystores.software import SoftwareKeyStore
+
+        return SoftwareKeyStore(self.config.keys_dir / "software", self.sealer)
+
+    def select_keystore(self, key_protection: int) -> KeyStore:
+        """The store ClientCertificateInstall KeyProtection asks for (blocking: probes the TPM)."""
+        from keystores.selection import select_keystore
+
+        return select_keystore(key_protection, tpm_tcti=self.config.tpm.tcti or None,
+                               software_dir=self.config.keys_dir / "software",
+                               tpm_dir=self.config.keys_dir / "tpm", sealing=self.sealer)
 
     def close(self) -> None:
         if "registry" in self.__dict__:
