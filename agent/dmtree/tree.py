@@ -165,11 +165,14 @@ def build_tree(ctx: DeviceContext, enrollment: Enrollment | None, *,
     hooks = list(cert_removal_hooks) if cert_removal_hooks is not None else [remove_from_my]
     tree.mount(Scope.GLOBAL, ("DevInfo",), devinfo_csp(ctx.device))
     tree.mount(Scope.GLOBAL, ("DevDetail",), devdetail_csp(ctx.device))
+    tasks = ctx.config.tasks
     scopes = [Scope.DEVICE] + ([Scope.USER] if registry.current_user_sid else [])
     for scope in scopes:
         cci = ClientCertificateInstallCSP(
             registry, ctx.sealer, scope, enrollment, deferred=tree.deferred, events=ctx.events,
-            clock=clock, removal_hooks=hooks)
+            clock=clock, removal_hooks=hooks, task_attempts=tasks.attempts,
+            # the task record keeps whole seconds; shortened test intervals round down to 0
+            task_interval_seconds=int(tasks.interval_seconds))
         tree.mount(scope, (*VENDOR_MSFT, "ClientCertificateInstall"), cci)
         tree.mount(scope, (*VENDOR_MSFT, "NodeCache"), NodeCacheCSP(registry, scope, tree))
         tree.mount(scope, (*VENDOR_MSFT, "RootCATrustedCertificates"),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, DeviceConfig
+from agent.config import Config, DeviceConfig, TasksConfig
 from agent.device import DeviceContext
 from agent.dmtree.executor import TreeExecutor
 from agent.dmtree.tree import DMTree, build_tree
@@ -55,10 +55,12 @@ class Env:
         return self.executor.execute(list(commands), msg_ref)
 
 
-def make_env(tmp_path: Path, *, enrolled: bool = True, **executor_kw: Any) -> Env:
+def make_env(tmp_path: Path, *, enrolled: bool = True, tasks: TasksConfig | None = None,
+             **executor_kw: Any) -> Env:
     cfg = Config(state_dir=tmp_path / "state",
                  device=DeviceConfig(device_id="6A2F1C0E-0000-4000-8000-000000000001",
-                                     name="DESKTOP-TEST", user_sid=USER_SID))
+                                     name="DESKTOP-TEST", user_sid=USER_SID),
+                 tasks=tasks or TasksConfig())
     ctx = DeviceContext(cfg)
     enrollment = EnrollmentStore(ctx.registry).add(
         "https://mdm.example.test/omadm", account_id=ACCOUNT_ID,

@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.certstore import CertStore, StoreName, thumbprint
 from agent.certstore import Scope as StoreScope
+from agent.config import TasksConfig
 from agent.csp.clientcertificateinstall import ScepNodeRef, remove_from_my
 from agent.csp.scep_values import challenge_purpose, read_install
 from agent.diagnostics import HResult, to_signed
@@ -345,6 +346,13 @@ def test_exec_enroll_twice_rearms_the_same_task(env: Env) -> None:
     assert (again.id, again.attempts_made, again.next_run_ms) == (
         first.id, 0, int(env.clock.now * 1000))
     assert len(env.ctx.events.read()) == 2
+
+
+def test_task_trigger_follows_the_config(tmp_path: Path) -> None:
+    env = make_env(tmp_path, tasks=TasksConfig(attempts=5, interval_seconds=2.5))
+    env.run(*seed_atomic("Device"))
+    (task,) = TaskStore(env.registry).list()
+    assert (task.attempts, task.interval_seconds) == (5, 2)
 
 
 def test_exec_enroll_needs_install_values_and_an_enrollment(tmp_path: Path) -> None:
