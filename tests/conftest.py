@@ -265,3 +265,37 @@ def run_cli(state_dir: Path) -> Callable[..., CliResult]:
 
 def sha1_hex(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest().upper()
+
+
+# --- the lab SCEP CA (lab.scepca) ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def lab_ca_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lab CA (root + NDES RA pair) per session; `lab_scep_ca` copies its keys, so each
+    test gets a fresh database without paying for RSA key generation."""
+    from datetime import UTC, datetime
+
+    from lab.scepca.ca import CertificateAuthority
+
+    directory = tmp_path_factory.mktemp("lab-ca-template")
+    CertificateAuthority.init(directory, now=datetime.now(UTC))
+    return directory
+
+
+@pytest.fixture
+def lab_scep_ca(tmp_path: Path, lab_ca_template: Path) -> Iterator[Callable[..., object]]:
+    """Start lab SCEP CAs (`lab.scepca.testing.LabScepCA` keyword arguments: mode=,
+    challenge=, verifier=, pending=, faults=, …); all stopped at teardown."""
+    from lab.scepca.testing import LabScepCA
+
+    started: list[LabScepCA] = []
+
+    def make(**kwargs: object) -> LabScepCA:
+        ca = LabScepCA(tmp_path / f"labca{len(started)}", ca_from=lab_ca_template,
+                       **kwargs)  # type: ignore[arg-type]
+        started.append(ca)
+        return ca.start()
+
+    yield make
+    for ca in started:
+        ca.stop()
