@@ -122,11 +122,12 @@ def parse_subject(text: str, node: str = "SubjectName") -> list[list[NameAttribu
     rdns: list[list[NameAttribute]] = []
     current: list[NameAttribute] = []
     i, n = 0, len(text)
+    after_separator = False
     while True:
         while i < n and text[i] in " \t\r\n":
             i += 1
         if i >= n:
-            if current:
+            if after_separator:
                 raise _bad(node, text, "it ends with a separator")
             break
         eq = text.find("=", i)
@@ -155,8 +156,6 @@ def parse_subject(text: str, node: str = "SubjectName") -> list[list[NameAttribu
                 raw = _hex_value(value, node, text)
         if not value:
             raise _bad(node, text, f"{key} has an empty value")
-        if enc is _Enc.PRINTABLE and not _PRINTABLE.match(value) and attr_oid == "2.5.4.6":
-            raise _bad(node, text, f"C={value!r} is not a two-letter country code")
         if attr_oid == "2.5.4.6" and len(value) != 2:
             raise _bad(node, text, f"C={value!r} is not a two-letter country code")
         if enc is _Enc.IA5 and not value.isascii():
@@ -167,6 +166,7 @@ def parse_subject(text: str, node: str = "SubjectName") -> list[list[NameAttribu
             break
         sep = text[i]
         i += 1
+        after_separator = True
         if sep != "+":
             rdns.append(current)
             current = []
@@ -353,6 +353,9 @@ def parse_key_usage(value: int | str, node: str = "KeyUsage") -> int:
     unknown = bits & ~sum(_KU_BITS)
     if bits <= 0 or unknown:
         raise _bad(node, text, f"bits 0x{unknown or bits:x} are not CERT_*_KEY_USAGE flags")
+    if bits & 0x8001 and not bits & 0x08:
+        raise _bad(node, text, "encipherOnly (0x01) and decipherOnly (0x8000) need keyAgreement "
+                               "(0x08) (RFC 5280 §4.2.1.3)")
     if not bits & 0xA0:
         raise _bad(node, text, "must include digitalSignature (0x80) and/or keyEncipherment "
                                "(0x20)")
@@ -483,11 +486,12 @@ def build_csr(req: CsrRequest, handle: KeyHandle) -> bytes:
     validity = parse_valid_period(req.valid_period, req.valid_period_units)
     if validity is not None:
         unit, count = validity
-        # MS-WCCE §2.2.2.7.10: EnrollmentNameValuePair { name BMPString, value BMPString };
-        # the CA honours it only when its policy allows (EDITF_ATTRIBUTEENDDATE).
-        pairs = [seq(_bmp("ValidityPeriod"), _bmp(unit.value)),
-                 seq(_bmp("ValidityPeriodUnits"), _bmp(str(count)))]
-        attrs.append(seq(oid(OID_NAME_VALUE_PAIR), set_of(pairs)))
+        # MS-WCCE §2.2.2.7.10: one value, EnrollmentNameValuePairs ::= SEQUENCE OF
+        # EnrollmentNameValuePair { name BMPString, value BMPString }; the CA honours it only
+        # when its policy allows (EDITF_ATTRIBUTEENDDATE) - the CA decides.
+        pairs = seq(seq(_bmp("ValidityPeriod"), _bmp(unit.value)),
+                    seq(_bmp("ValidityPeriodUnits"), _bmp(str(count))))
+        attrs.append(seq(oid(OID_NAME_VALUE_PAIR), set_of([pairs])))
     hash_alg = csr_hash(req.hash_algorithm) if req.hash_algorithm else HashAlg.SHA256
     from cryptography.hazmat.primitives import serialization
 

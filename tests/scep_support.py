@@ -79,7 +79,7 @@ class CryptoKeyHandle:
 
 
 @dataclass
-class TestCert:
+class CertAndKey:
     cert: x509.Certificate
     key: CryptoKeyHandle
 
@@ -88,9 +88,9 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_cert(cn: str, *, issuer: TestCert | None = None, ca: bool = False,
+def make_cert(cn: str, *, issuer: CertAndKey | None = None, ca: bool = False,
               key_usage: dict[str, bool] | None = None,
-              key: CryptoKeyHandle | None = None, days: int = 30) -> TestCert:
+              key: CryptoKeyHandle | None = None, days: int = 30) -> CertAndKey:
     """A certificate for tests: self-signed CA, or issued by `issuer`, with chosen key usage."""
     key = key or CryptoKeyHandle.rsa()
     now = dt.datetime.now(dt.UTC)
@@ -111,17 +111,211 @@ def make_cert(cn: str, *, issuer: TestCert | None = None, ca: bool = False,
         builder = builder.add_extension(x509.KeyUsage(**flags), critical=True)
     signer = issuer.key.key if issuer else key.key
     cert = builder.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
-    return TestCert(cert, key)
+    return CertAndKey(cert, key)
 
 
-def make_ca(cn: str = "Test SCEP CA") -> TestCert:
+def make_ca(cn: str = "Test SCEP CA") -> CertAndKey:
     return make_cert(cn, ca=True, key_usage={"digital_signature": True, "key_cert_sign": True,
                                              "crl_sign": True})
 
 
-def make_ndes_like(cn: str = "Test Issuing CA") -> tuple[TestCert, TestCert, TestCert]:
+def make_ndes_like(cn: str = "Test Issuing CA") -> tuple[CertAndKey, CertAndKey, CertAndKey]:
     """An NDES-style set: the CA, an RA signing cert and a separate RA encryption cert."""
     ca = make_ca(cn)
     ra_sign = make_cert("NDES RA Sign", issuer=ca, key_usage={"digital_signature": True})
     ra_enc = make_cert("NDES RA Encrypt", issuer=ca, key_usage={"key_encipherment": True})
     return ca, ra_sign, ra_enc
+
+
+# --- the server side of SCEP, for crafted replies -------------------------------------------
+
+@dataclass
+class ParsedRequest:
+    """A pkiMessage as a CA sees it after verifying and decrypting it."""
+
+    message_type: int
+    transaction_id: str
+    sender_nonce: bytes
+    signer: x509.Certificate
+    digest_alg: HashAlg
+    message_data: bytes  # the decrypted pkcsPKIEnvelope content (CSR, IssuerAndSubject, ...)
+    cipher: str  # asn1crypto name of the request's content cipher
+
+
+def parse_request(der: bytes, ra: CertAndKey) -> ParsedRequest:
+    """Verify a request with the certificate it carries and decrypt it with the RA key."""
+    from asn1crypto import cms as acms
+    from asn1crypto import core
+
+    from agent.scep import cms as scms
+    from agent.scep import messages as m
+
+    info = acms.ContentInfo.load(der)
+    signer = x509.load_der_x509_certificate(info["content"]["certificates"][0].chosen.dump())
+    verified = scms.verify_signed_data(der, [signer], "the request")
+    attrs = verified.attributes
+
+    def text(oid: str) -> str:
+        return str(scms.as_type(attrs[oid], core.PrintableString).native)
+
+    env = acms.ContentInfo.load(verified.content)
+    cipher = env["content"]["encrypted_content_info"]["content_encryption_algorithm"][
+        "algorithm"].native
+    data = scms.open_envelope(verified.content, ra.key, ra.cert)
+    return ParsedRequest(int(text(m.OID_MESSAGE_TYPE)), text(m.OID_TRANSACTION_ID),
+                         scms.as_type(attrs[m.OID_SENDER_NONCE], core.OctetString).native,
+                         signer, verified.digest_alg, data, cipher)
+
+
+def issue_from_csr(csr_der: bytes, ca: CertAndKey, *, public_key: PublicKey | None = None,
+                   days: int = 30) -> x509.Certificate:
+    """What a CA does with a CSR; `public_key` overrides the key (a hostile CA)."""
+    csr = x509.load_der_x509_csr(csr_der)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(csr.subject).issuer_name(ca.cert.subject)
+               .public_key(public_key or csr.public_key())  # type: ignore[arg-type]
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=1))
+               .not_valid_after(now + dt.timedelta(days=days)))
+    return builder.sign(ca.key.key, hashes.SHA256())  # type: ignore[arg-type]
+
+
+def make_cert_rep(req: ParsedRequest, signer: CertAndKey, *, status: int = 0,
+                  fail_info: int | None = None, certs: tuple[x509.Certificate, ...] = (),
+                  cipher: str = "des-cbc", digest: HashAlg = HashAlg.SHA1,
+                  oaep: HashAlg | None = None, message_type: str = "3",
+                  transaction_id: str | None = None, recipient_nonce: bytes | None = None,
+                  omit: tuple[str, ...] = (), fail_text: str = "",
+                  content: bytes | None = None) -> bytes:
+    """A CertRep for `req`, signed by `signer`, with any field overridden or omitted."""
+    import os
+
+    from asn1crypto import core
+
+    from agent.scep import cms as scms
+    from agent.scep import messages as m
+    from agent.scep.capabilities import ContentCipher
+
+    if content is None:
+        content = b""
+        if status == 0:
+            inner = scms.degenerate_certs_only(list(certs))
+            content = scms.envelope(inner, req.signer, ContentCipher(cipher), oaep=oaep)
+    values = {
+        m.OID_MESSAGE_TYPE: core.PrintableString(message_type),
+        m.OID_PKI_STATUS: core.PrintableString(str(status)),
+        m.OID_TRANSACTION_ID: core.PrintableString(transaction_id if transaction_id
+                                                   is not None else req.transaction_id),
+        m.OID_RECIPIENT_NONCE: core.OctetString(recipient_nonce if recipient_nonce
+                                                is not None else req.sender_nonce),
+        m.OID_SENDER_NONCE: core.OctetString(os.urandom(16)),
+    }
+    if fail_info is not None:
+        values[m.OID_FAIL_INFO] = core.PrintableString(str(fail_info))
+    if fail_text:
+        values[m.OID_FAIL_INFO_TEXT] = core.UTF8String(fail_text)
+    attrs = [scms.attribute(oid, v) for oid, v in values.items() if oid not in omit]
+    return scms.sign_data(content, signer_cert=signer.cert, handle=signer.key, digest_alg=digest,
+                          attributes=attrs, signing_time=dt.datetime.now(dt.UTC))
+
+
+def resign(body: bytes, signer: CertAndKey, *, changes: dict[str, object] | None = None,
+           content: bytes | None = None, digest: HashAlg = HashAlg.SHA1) -> bytes:
+    """Re-sign a real CertRep with `signer`, replacing (or, with None, dropping) attributes."""
+    from asn1crypto import cms as acms
+
+    from agent.scep import cms as scms
+
+    info = acms.ContentInfo.load(body)
+    signed = info["content"]
+    si = signed["signer_infos"][0]
+    keep = {"1.2.840.113549.1.9.3", "1.2.840.113549.1.9.4", "1.2.840.113549.1.9.5"}
+    attrs = {a["type"].dotted: a["values"][0] for a in si["signed_attrs"]
+             if a["type"].dotted not in keep}
+    for oid, value in (changes or {}).items():
+        if value is None:
+            attrs.pop(oid, None)
+        else:
+            attrs[oid] = value  # type: ignore[assignment]
+    econtent = signed["encap_content_info"]["content"]
+    data = content if content is not None else (
+        b"" if econtent.native is None else bytes(econtent.native))
+    return scms.sign_data(data, signer_cert=signer.cert, handle=signer.key, digest_alg=digest,
+                          attributes=[scms.attribute(o, v) for o, v in attrs.items()],
+                          signing_time=dt.datetime.now(dt.UTC))
+
+
+def load_depot_ca(depot: object) -> CertAndKey:
+    """The micromdm depot's CA certificate and key (the key is PEM with an empty password)."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    path = Path(str(depot))
+    cert = x509.load_pem_x509_certificate((path / "ca.pem").read_bytes())
+    key = serialization.load_der_private_key(_legacy_pem_decrypt((path / "ca.key").read_bytes(),
+                                                                 b""), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return CertAndKey(cert, CryptoKeyHandle(key))
+
+
+def _legacy_pem_decrypt(pem: bytes, password: bytes) -> bytes:
+    """OpenSSL's legacy `Proc-Type: 4,ENCRYPTED` PEM (EVP_BytesToKey/MD5, DES-EDE3-CBC).
+
+    micromdm writes its CA key that way with an empty password, which `cryptography` refuses
+    to use; the test needs the key to sign crafted CertReps.
+    """
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    lines = pem.decode().strip().splitlines()
+    headers = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]
+                                                     if ":" in ln)}
+    body = base64.b64decode("".join(ln for ln in lines[1:-1] if ":" not in ln and ln))
+    if "DEK-Info" not in headers:
+        return body
+    alg, iv_hex = headers["DEK-Info"].split(",")
+    assert alg == "DES-EDE3-CBC", alg
+    iv = bytes.fromhex(iv_hex)
+    key, block = b"", b""
+    while len(key) < 24:
+        block = hashlib.md5(block + password + iv[:8]).digest()  # the format's KDF
+        key += block
+    dec = Cipher(TripleDES(key[:24]), modes.CBC(iv)).decryptor()
+    plain = dec.update(body) + dec.finalize()
+    return plain[:-plain[-1]]
+
+
+def to_ber(der: bytes, chunk: int = 7) -> bytes:
+    """Re-encode DER the way Go's pkcs7 does: indefinite lengths on constructed values,
+    long OCTET STRINGs (and primitive [0] IMPLICIT OCTET STRINGs) split into constructed
+    chunks. Certificates are copied verbatim (they are signed DER)."""
+    from asn1crypto.core import OctetString
+
+    from agent.scep.cms import ber_elements
+
+    out = bytearray()
+    for cls, method, tag, contents, full in ber_elements(der):
+        if method == 1 and _is_certificate(full):
+            out += full
+        elif method == 1:
+            out += bytes([full[0]]) + b"\x80" + to_ber(contents, chunk) + b"\x00\x00"
+        elif ((cls == 0 and tag == 4) or (cls == 2 and tag == 0)) and len(contents) > chunk:
+            pieces = b"".join(OctetString(contents[i:i + chunk]).dump()
+                              for i in range(0, len(contents), chunk))
+            out += bytes([full[0] | 0x20]) + b"\x80" + pieces + b"\x00\x00"
+        else:
+            out += full
+    return bytes(out)
+
+
+def _is_certificate(full: bytes) -> bool:
+    try:
+        x509.load_der_x509_certificate(full)
+    except ValueError:
+        return False
+    return True

@@ -174,20 +174,18 @@ def read_challenge(args: argparse.Namespace) -> str:
 
 
 def _key_store(args: argparse.Namespace, app: App) -> KeyStore:
+    """The device's key stores (`<state>/keys/software|tpm`, as dmcertinst uses them)."""
     from agent.errors import ConfigError
 
-    keys_dir = app.config.keys_dir
     if args.keystore == "tpm":
-        from keystores.tpm import TpmKeyStore
-
         tcti = args.tcti or app.config.tpm.tcti
         if not tcti:
             raise ConfigError("--keystore tpm needs a TCTI",
                               advice="pass --tcti or set tpm.tcti / $DMAGENT_TPM_TCTI")
-        return TpmKeyStore(tcti, keys_dir / "tpm")
-    from keystores.software import SoftwareKeyStore
+        from keystores.tpm import TpmKeyStore
 
-    return SoftwareKeyStore(keys_dir / "software", app.ctx.sealer)
+        return TpmKeyStore(tcti, app.config.keys_dir / "tpm")
+    return app.ctx.keystore("software")
 
 
 def _csr_request(args: argparse.Namespace, challenge: str, subject: str) -> Any:

@@ -9,6 +9,7 @@ AES + SHA-256 when the CA offers them and falls back to 3DES / SHA-1 only when i
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from keystores.base import HashAlg
@@ -99,6 +100,7 @@ class Capabilities:
 
 
 _BY_LOWER = {c.value.lower(): c.value for c in Cap}
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a capability looks like
 
 
 def parse_caps(body: bytes | str) -> Capabilities:
@@ -116,7 +118,7 @@ def parse_caps(body: bytes | str) -> Capabilities:
             continue
         canonical = _BY_LOWER.get(word.lower())
         if canonical is None:
-            if len(word) <= 64 and word.isprintable():
+            if len(word) <= 64 and _KEYWORD.match(word):
                 unknown.append(word)
         elif canonical not in known:
             known.append(canonical)

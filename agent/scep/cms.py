@@ -86,8 +86,15 @@ def load_content_info(data: bytes, what: str) -> cms.ContentInfo:
     """Parse a ContentInfo fully enough that structural errors surface here."""
     if not data:
         raise PeerError(f"{what} is empty", hresult=HResult.CRYPT_E_ASN1_EOD)
+    if data[0] != 0x30:  # a ContentInfo is a SEQUENCE; anything else is not CMS at all
+        start = data[:16]
+        shown = start.decode("ascii") if start.isascii() and start.decode("ascii").isprintable() \
+            else start.hex()
+        raise PeerError(f"{what} is not DER: it starts with {shown!r}, not a SEQUENCE",
+                        hresult=HResult.CRYPT_E_ASN1_BADTAG,
+                        advice="the server answered something else than a PKCS#7 message")
     with asn1_errors(what):
-        info = cms.ContentInfo.load(data, strict=True)
+        info = cms.ContentInfo.load(ber_to_der_lengths(data), strict=True)
         _ = info["content_type"].native
         _ = info["content"].contents
     return info
@@ -177,11 +184,12 @@ def degenerate_certs_only(certs: Sequence[x509.Certificate],
 # --- EnvelopedData: build -------------------------------------------------------------------
 
 def envelope(content: bytes, recipient: x509.Certificate, cipher: ContentCipher,
-             rand: RandomBytes = os.urandom) -> bytes:
+             rand: RandomBytes = os.urandom, oaep: HashAlg | None = None) -> bytes:
     """Encrypt `content` for `recipient` (RFC 8894 §3.2.2: pkcsPKIEnvelope).
 
     The content-encryption key is transported with RSA PKCS#1 v1.5 (rsaEncryption), the one
-    key-transport every SCEP CA decrypts; the content is CBC with PKCS#7 padding.
+    key-transport every SCEP CA decrypts, or RSAES-OAEP with `oaep` as hash and MGF1 hash
+    (RFC 4055 §4.1; CAs may answer that way); the content is CBC with PKCS#7 padding.
     """
     public = recipient.public_key()
     if not isinstance(public, rsa.RSAPublicKey):
@@ -191,13 +199,23 @@ def envelope(content: bytes, recipient: x509.Certificate, cipher: ContentCipher,
     iv = rand(cipher.block_size)
     ciphertext = encrypt_content(content, cipher, key, iv)
     rcpt = to_asn1_cert(recipient)
+    if oaep is None:
+        kea: dict[str, object] = {"algorithm": "rsaes_pkcs1v15"}
+        encrypted_key = public.encrypt(key, padding.PKCS1v15())
+    else:
+        h = _HASHES[oaep]()
+        kea = {"algorithm": "rsaes_oaep", "parameters": {
+            "hash_algorithm": {"algorithm": _DIGEST_NAMES[oaep]},
+            "mask_gen_algorithm": {"algorithm": "mgf1",
+                                   "parameters": {"algorithm": _DIGEST_NAMES[oaep]}}}}
+        encrypted_key = public.encrypt(key, padding.OAEP(padding.MGF1(h), h, None))
     ktri = cms.KeyTransRecipientInfo({
         "version": "v0",
         "rid": cms.RecipientIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
             "issuer": rcpt["tbs_certificate"]["issuer"],
             "serial_number": rcpt["tbs_certificate"]["serial_number"]})}),
-        "key_encryption_algorithm": {"algorithm": "rsaes_pkcs1v15"},
-        "encrypted_key": public.encrypt(key, padding.PKCS1v15()),
+        "key_encryption_algorithm": kea,
+        "encrypted_key": encrypted_key,
     })
     enveloped = cms.EnvelopedData({
         "version": "v0",
@@ -273,6 +291,64 @@ def ber_elements(data: bytes) -> list[tuple[int, int, int, bytes, bytes]]:
         out.append((cls, method, tag, contents, data[pointer:pointer + size]))
         pointer += size
     return out
+
+
+def _identifier(full: bytes) -> bytes:
+    """The identifier octets of a TLV (one byte, or more for tag numbers >= 31)."""
+    if full[0] & 0x1F != 0x1F:
+        return full[:1]
+    end = 1
+    while full[end] & 0x80:
+        end += 1
+    return full[: end + 1]
+
+
+def ber_to_der_lengths(data: bytes, depth: int = 0) -> bytes:
+    """Re-encode BER with definite lengths and universal OCTET STRINGs in one piece.
+
+    Go and Java CMS code sends indefinite lengths and chunked (constructed) OCTET STRINGs
+    (X.690 §8.1.3.6, §8.7.3); asn1crypto copes with only some of it (not inside CHOICEs),
+    so the structure is rewritten first. Values are untouched, and DER input (certificates
+    included) comes out byte for byte the same. Context-tagged constructed strings (the
+    [0] IMPLICIT encryptedContent) stay constructed: `ber_octets` reads those.
+    """
+    if depth > 64:
+        raise ValueError("ASN.1 nesting deeper than 64 levels")
+    out = bytearray()
+    for cls, method, tag, contents, full in ber_elements(data):
+        if method == 0:
+            ident = _identifier(full)
+            length = _length(len(contents))
+            if len(full) == len(ident) + len(length) + len(contents):
+                out += full  # already the minimal (DER) length encoding
+            else:
+                out += ident + length + contents
+            continue
+        if cls == 0 and tag == 16 and full[1] != 0x80 and _is_x509(contents):
+            out += full  # a certificate or CRL is signed DER: nothing to rewrite, skip the walk
+            continue
+        if cls == 0 and tag == 4:  # constructed OCTET STRING: one primitive value
+            value = ber_octets(1, contents)
+            out += b"\x04" + _length(len(value)) + value
+            continue
+        inner = ber_to_der_lengths(contents, depth + 1)
+        out += _identifier(full) + _length(len(inner)) + inner
+    return bytes(out)
+
+
+def _is_x509(contents: bytes) -> bool:
+    """Contents of a Certificate/CRL: a definite-length TBS SEQUENCE starting with v2/v3."""
+    if len(contents) < 8 or contents[0] != 0x30 or contents[1] == 0x80:
+        return False
+    skip = 2 + (contents[1] & 0x7F if contents[1] & 0x80 else 0)
+    return contents[skip: skip + 4] in (b"\xa0\x03\x02\x01", b"\x02\x01\x01\x30")
+
+
+def _length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
 
 
 def ber_octets(method: int, contents: bytes) -> bytes:
@@ -358,6 +434,12 @@ def open_envelope(data: bytes, handle: KeyHandle, recipient_cert: x509.Certifica
                     raise PeerError(f"RSAES-OAEP with {hash_name} is not supported",
                                     hresult=HResult.CRYPT_E_UNKNOWN_ALGO)
                 oaep_hash = _DIGEST_BY_NAME[hash_name]
+                mgf_hash = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
+                if mgf_hash != hash_name:
+                    # Key stores (TPM, CNG) implement OAEP with MGF1 over the same hash only.
+                    raise PeerError(f"RSAES-OAEP with {hash_name} and MGF1-{mgf_hash} is not "
+                                    "supported (MGF1 must use the OAEP hash)",
+                                    hresult=HResult.CRYPT_E_UNKNOWN_ALGO)
         else:
             raise PeerError(f"key transport {kea['algorithm'].dotted} ({kea_name}) is not "
                             "supported (RSA PKCS#1 v1.5 and RSAES-OAEP are)",
