@@ -48,6 +48,9 @@ exit codes:
   130 interrupted
 """
 
+# Commands implemented outside agent/commands (the CLI is the composition root).
+COMMAND_MODULES: dict[str, str] = {"run": "service.commands"}
+
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -72,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more logging (-v info, -vv debug) and full traces on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, summary in COMMANDS.items():
+        module_name = COMMAND_MODULES.get(name, f"agent.commands.{name}")
         try:
-            module = importlib.import_module(f"agent.commands.{name}")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"agent.commands.{name}":
+            if exc.name != module_name:
                 raise
             _register_unavailable(sub, name, summary)
         else:

@@ -64,6 +64,7 @@ class ServerConfig:
     username: str = ""
     password: str = ""
     timeout: float = 60.0
+    max_response_bytes: int = 4 * 1024 * 1024  # a larger SyncML response is refused unread
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,15 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """The daemon's sync schedule (the DMClient Poll nodes set the intervals, in minutes)."""
+
+    poll_minute_seconds: float = 60.0  # the length of a poll-schedule minute (tests shorten it)
+    on_start: bool = True  # sync when the daemon starts (Windows syncs at boot/logon)
+    after_enrollment: bool = True  # sync right after an enrollment finishes, to report it
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
@@ -98,6 +108,7 @@ class Config:
     tpm: TpmConfig = field(default_factory=TpmConfig)
     scep: ScepConfig = field(default_factory=ScepConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     source: str = "defaults"  # where the config came from, for messages
 
     @property
@@ -198,6 +209,8 @@ def _validate(cfg: Config, merged: Mapping[str, tuple[Any, str]]) -> None:
     for key in ("interval_seconds", "minute_seconds"):
         if getattr(cfg.tasks, key) < 0:
             fail(f"tasks.{key}", "must not be negative")
+    if cfg.sync.poll_minute_seconds <= 0:
+        fail("sync.poll_minute_seconds", "must be positive")
 
 
 def _flatten(data: Mapping[str, Any], prefix: str, source: str,

@@ -11,8 +11,10 @@ An enrollment ties together what the rest of the agent needs to name things the 
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from agent.errors import NotFoundError
 from agent.registry import Registry
@@ -103,6 +105,27 @@ class EnrollmentStore:
             self.registry.delete_key(enrollment.account_key)
             self.registry.delete_key(enrollment.key)
 
+    def record_session(self, enrollment: Enrollment, ok: bool, when: float | None = None,
+                       detail: str = "") -> None:
+        """Note a management session's outcome where Windows does (ConnInfo, UTC stamps)."""
+        stamp = _stamp(time.time() if when is None else when)
+        key = conn_info_key(enrollment)
+        with self.registry.transaction():
+            self.registry.set_sz(key, "ServerLastAccessTime", stamp)
+            self.registry.set_sz(key, "ServerLastSuccessTime" if ok else "ServerLastFailureTime",
+                                 stamp)
+            self.registry.set_sz(key, "LastSessionResult", detail or ("ok" if ok else "failed"))
+
+    def last_session(self, enrollment: Enrollment) -> dict[str, str]:
+        key = conn_info_key(enrollment)
+        out = {}
+        for name in ("ServerLastAccessTime", "ServerLastSuccessTime", "ServerLastFailureTime",
+                     "LastSessionResult"):
+            value = self.registry.query(key, name)
+            if isinstance(value, str):
+                out[name] = value
+        return out
+
     def _read(self, enrollment_id: str) -> Enrollment | None:
         key = f"{ENROLLMENTS_KEY}\\{enrollment_id}"
         provider = self.registry.query(key, "ProviderID")
@@ -115,3 +138,11 @@ class EnrollmentStore:
                           addr if isinstance(addr, str) else "",
                           upn if isinstance(upn, str) else "")
 
+
+def conn_info_key(enrollment: Enrollment) -> str:
+    return f"{enrollment.account_key}\\Protected\\ConnInfo"
+
+
+def _stamp(when: float) -> str:
+    """ConnInfo time format: `20261122T021300Z`."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import StateLockedError
-from service.lock import StateLock
+from agent.statelock import StateLock
 from service.pollplan import next_poll_minutes
 from service.systemd import notify, watchdog_interval
 
