@@ -39,6 +39,29 @@ class _NameValuePair(core.Sequence):  # type: ignore[misc]
     _fields = [("name", core.BMPString), ("value", core.BMPString)]  # noqa: RUF012
 
 
+class _AnySet(core.SetOf):  # type: ignore[misc]
+    _child_spec = core.Any
+
+
+class _PairSequence(core.SequenceOf):  # type: ignore[misc]
+    _child_spec = _NameValuePair
+
+
+def _name_value_pairs(values: core.Asn1Value) -> list[tuple[str, str]]:
+    """The attribute's values: each one either an EnrollmentNameValuePair or, as MS-WCCE
+    §2.2.2.7.10 has it, a SEQUENCE OF them (certreq sends the latter; both are seen)."""
+    if isinstance(values, core.Any):  # asn1crypto does not know this attribute
+        values = values.parse(_AnySet)
+    out: list[tuple[str, str]] = []
+    for value in values:
+        raw = value.dump()
+        # SEQUENCE { BMPString, … } is one pair; SEQUENCE { SEQUENCE, … } is a list.
+        inner_tag = raw[2 if raw[1] < 0x80 else 2 + (raw[1] & 0x7F)] if len(raw) > 2 else 0
+        items = [_NameValuePair.load(raw)] if inner_tag == 0x1E else _PairSequence.load(raw)
+        out.extend((str(p["name"].native), str(p["value"].native)) for p in items)
+    return out
+
+
 @dataclass(frozen=True)
 class CsrInfo:
     der: bytes
@@ -148,10 +171,7 @@ def parse_csr(der: bytes) -> CsrInfo:
                 for value in attr["values"]:
                     challenge = _directory_string(value)
             elif oid == OID_NAME_VALUE_PAIR:
-                for value in attr["values"]:
-                    pair = _NameValuePair.load(value.dump() if not isinstance(value, bytes)
-                                               else value)
-                    pairs.append((str(pair["name"].native), str(pair["value"].native)))
+                pairs.extend(_name_value_pairs(attr["values"]))
     except (ValueError, TypeError, KeyError) as exc:
         raise CsrError(f"the CSR attributes are malformed: {exc}") from None
 
