@@ -481,6 +481,7 @@ class ClientSession:
         self.summary.outcome = "aborted" if error.hresult == HResult.E_ABORT else "failed"
         self.summary.error = error.message
         self.summary.hresult = error.hresult
+        self.summary.failure = error
         return SessionFailed(error, self.summary)
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.diagnostics import format_hex
+
+if TYPE_CHECKING:
+    from agent.errors import DmAgentError
 
 
 @dataclass
@@ -34,6 +37,7 @@ class SessionSummary:
     error: str | None = None  # what ended the session, when it did not complete
     hresult: int | None = None
     duration_s: float | None = None
+    failure: DmAgentError | None = field(default=None, repr=False)  # the error object itself
 
     def as_dict(self) -> dict[str, Any]:
         return {
