@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -319,3 +320,132 @@ def _is_certificate(full: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- a real HTTP server on 127.0.0.1 in front of a SCEP server --------------------------------
+
+class ScepProxy:
+    """A loopback HTTP server that forwards SCEP operations to `upstream` and lets a test
+    replace or rewrite the replies (hostile-reply tests) or just see what the client sent.
+
+    `on_pki(request_der, real_reply) -> Reply` decides the PKIOperation answer; `requests`
+    records (method, path?query, headers) of everything received.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+
+        self.upstream = upstream
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.on_pki: Any = None
+        self.on_get: Any = None  # (operation) -> Reply | None to override GetCACaps/GetCACert
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._handle(self, b"")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                proxy._handle(self, self.rfile.read(length))
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/scep"
+
+    def start(self) -> ScepProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def count(self, operation: str) -> int:
+        return sum(f"operation={operation}" in path for _, path, _ in self.requests)
+
+    def _forward(self, method: str, query: str, body: bytes) -> tuple[int, str, bytes]:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.upstream}?{query}", data=body or None,
+                                     method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("Content-Type", ""), err.read()
+
+    def _handle(self, h: Any, body: bytes) -> None:
+        import base64
+        import urllib.parse
+
+        _, _, query = h.path.partition("?")
+        self.requests.append((h.command, h.path, dict(h.headers.items())))
+        params = urllib.parse.parse_qs(query)
+        operation = params.get("operation", [""])[0]
+        if operation == "PKIOperation":
+            request_der = body or base64.b64decode(params.get("message", [""])[0])
+            status, ctype, real = self._forward(h.command, query, body)
+            reply = (self.on_pki(request_der, real) if self.on_pki and status == 200
+                     else Reply(real, status, ctype))
+        else:
+            override = self.on_get(operation) if self.on_get else None
+            if override is None:
+                status, ctype, data = self._forward("GET", query, b"")
+                override = Reply(data, status, ctype)
+            reply = override
+        reply.send(h)
+
+
+@dataclass
+class Reply:
+    """How the proxy answers: a body, or a crafted transport-level misbehaviour."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/x-pki-message"
+    declared_length: int | None = None  # Content-Length to announce (None: the real one)
+    chunked_total: int = 0  # stream this many filler bytes with chunked encoding instead
+    close_after_body: bool = False
+
+    def send(self, h: Any) -> None:
+        h.send_response(self.status)
+        h.send_header("Content-Type", self.content_type)
+        if self.chunked_total:
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            block = b"\x04" * 65536
+            sent = 0
+            try:
+                while sent < self.chunked_total:
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    sent += len(block)
+                h.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+            h.close_connection = True
+            return
+        h.send_header("Content-Length", str(self.declared_length if self.declared_length
+                                            is not None else len(self.body)))
+        if self.close_after_body:
+            h.send_header("Connection", "close")
+        h.end_headers()
+        try:
+            h.wfile.write(self.body)
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if self.close_after_body or self.declared_length is not None:
+            h.close_connection = True
