@@ -13,6 +13,8 @@ _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"}
 def escape(text: str) -> str:
     """Character data for element content. CR is written as a reference because XML parsers
     normalise a literal CR to LF (XML 1.0 §2.11); characters XML cannot carry become U+FFFD."""
+    if text.isprintable() and "&" not in text and "<" not in text and ">" not in text:
+        return text  # the common case, checked in C (isprintable excludes every control)
     if INVALID_XML.search(text):
         text = INVALID_XML.sub("\ufffd", text)
     if _NEEDS_ESCAPE.search(text):

@@ -62,6 +62,11 @@ class Reassembler:
         self._rejected: _Rejected | None = None  # answer the rest of a refused object alike
 
     @property
+    def busy(self) -> bool:
+        """An object is being received or refused: every command must go through feed()."""
+        return self._pending is not None or self._rejected is not None
+
+    @property
     def pending_target(self) -> str | None:
         return None if self._pending is None else self._pending.target
 

@@ -84,9 +84,16 @@ _CLOSE = "</SyncBody></SyncML>"
 # Bytes a message adds around its header and commands (with Final): for message packing.
 MESSAGE_OVERHEAD = len(_ROOT_OPEN) + len(_BODY_OPEN) + len(_FINAL) + len(_CLOSE)
 
-def encode(message: SyncMLMessage) -> bytes:
+def encode(message: SyncMLMessage, *, number_from: int | None = None) -> bytes:
+    """The message as bytes. `number_from`: write CmdIDs number_from, number_from + 1, ...
+    in body order instead of the commands' own (how the session numbers its replies without
+    copying every command)."""
     parts = [_ROOT_OPEN, encode_header(message.header), _BODY_OPEN]
-    parts += [encode_command(cmd) for cmd in message.body]
+    if number_from is None:
+        parts += [encode_command(cmd) for cmd in message.body]
+    else:
+        parts += [encode_command(cmd, str(n))
+                  for n, cmd in enumerate(message.body, start=number_from)]
     if message.final:
         parts.append(_FINAL)
     parts.append(_CLOSE)
@@ -110,19 +117,20 @@ def encode_header(h: SyncHdr) -> str:
     return "".join(out)
 
 
-def encode_command(cmd: Command) -> str:
-    """One SyncBody element; messages are the concatenation of these (see MESSAGE_OVERHEAD)."""
+def encode_command(cmd: Command, cmd_id: str | None = None) -> str:
+    """One SyncBody element; messages are the concatenation of these (see MESSAGE_OVERHEAD).
+    `cmd_id` replaces the command's own CmdID when given."""
     if isinstance(cmd, Status):
-        return _status(cmd)
+        return _status(cmd, cmd_id)
     if isinstance(cmd, Results):
-        return _results(cmd)
+        return _results(cmd, cmd_id)
     if isinstance(cmd, ItemCommand):
-        return _item_command(cmd)
+        return _item_command(cmd, cmd_id)
     if isinstance(cmd, Alert):
-        return _alert(cmd)
+        return _alert(cmd, cmd_id)
     if isinstance(cmd, Container):
-        return _container(cmd)
-    return _unknown(cmd)
+        return _container(cmd, cmd_id)
+    return _unknown(cmd, cmd_id)
 
 
 def _cmd_id(cmd_id: str | None) -> str:
@@ -179,9 +187,9 @@ def _item(it: Item) -> str:
     return "".join(out)
 
 
-def _item_command(c: ItemCommand) -> str:
+def _item_command(c: ItemCommand, cid: str | None) -> str:
     tag = c.kind.value
-    out = [f"<{tag}>", _cmd_id(c.cmd_id)]
+    out = [f"<{tag}>", _cmd_id(c.cmd_id if cid is None else cid)]
     if c.no_resp:
         out.append("<NoResp/>")
     if c.cred is not None:
@@ -193,8 +201,8 @@ def _item_command(c: ItemCommand) -> str:
     return "".join(out)
 
 
-def _alert(a: Alert) -> str:
-    out = ["<Alert>", _cmd_id(a.cmd_id)]
+def _alert(a: Alert, cid: str | None) -> str:
+    out = ["<Alert>", _cmd_id(a.cmd_id if cid is None else cid)]
     if a.no_resp:
         out.append("<NoResp/>")
     out += ["<Data>", escape(a.data), "</Data>"]
@@ -203,9 +211,9 @@ def _alert(a: Alert) -> str:
     return "".join(out)
 
 
-def _container(c: Container) -> str:
+def _container(c: Container, cid: str | None) -> str:
     tag = c.kind.value
-    out = [f"<{tag}>", _cmd_id(c.cmd_id)]
+    out = [f"<{tag}>", _cmd_id(c.cmd_id if cid is None else cid)]
     if c.no_resp:
         out.append("<NoResp/>")
     if c.meta is not None:
@@ -215,13 +223,14 @@ def _container(c: Container) -> str:
     return "".join(out)
 
 
-def _unknown(u: UnknownCommand) -> str:
-    return f"<{u.name}>{_cmd_id(u.cmd_id)}</{u.name}>"
+def _unknown(u: UnknownCommand, cid: str | None) -> str:
+    return f"<{u.name}>{_cmd_id(u.cmd_id if cid is None else cid)}</{u.name}>"
 
 
-def _status(s: Status) -> str:
-    out = ["<Status>", _cmd_id(s.cmd_id), "<MsgRef>", escape(s.msg_ref), "</MsgRef><CmdRef>",
-           escape(s.cmd_ref), "</CmdRef><Cmd>", escape(s.cmd), "</Cmd>"]
+def _status(s: Status, cid: str | None) -> str:
+    out = ["<Status>", _cmd_id(s.cmd_id if cid is None else cid), "<MsgRef>",
+           escape(s.msg_ref), "</MsgRef><CmdRef>", escape(s.cmd_ref), "</CmdRef><Cmd>",
+           escape(s.cmd), "</Cmd>"]
     out += [f"<TargetRef>{escape(t)}</TargetRef>" for t in s.target_refs]
     out += [f"<SourceRef>{escape(r)}</SourceRef>" for r in s.source_refs]
     if s.chal is not None:
@@ -232,10 +241,10 @@ def _status(s: Status) -> str:
     return "".join(out)
 
 
-def _results(r: Results) -> str:
+def _results(r: Results, cid: str | None) -> str:
     # MS-MDM §2.2.7.8: Windows writes <Cmd>Get</Cmd> in Results (the SyncML DTD does not).
-    out = ["<Results>", _cmd_id(r.cmd_id), "<MsgRef>", escape(r.msg_ref), "</MsgRef><CmdRef>",
-           escape(r.cmd_ref), "</CmdRef><Cmd>Get</Cmd>"]
+    out = ["<Results>", _cmd_id(r.cmd_id if cid is None else cid), "<MsgRef>",
+           escape(r.msg_ref), "</MsgRef><CmdRef>", escape(r.cmd_ref), "</CmdRef><Cmd>Get</Cmd>"]
     if r.meta is not None:
         out.append(_meta(r.meta))
     if r.target_ref is not None:

@@ -24,12 +24,9 @@ Outgoing = Status | Results | Alert | ItemCommand  # ItemCommand: package 1's Re
 MIN_CHUNK = 256  # smallest chunk worth a message of its own
 
 
-def numbered(cmd: Outgoing, n: int) -> Outgoing:
-    return dataclasses.replace(cmd, cmd_id=str(n))
-
-
-def encoded_size(cmd: Outgoing) -> int:
-    return utf8_len(codec.encode_command(cmd))
+def encoded_size(cmd: Outgoing, n: int) -> int:
+    """Bytes `cmd` takes in a message as its n-th command (CmdID n)."""
+    return utf8_len(codec.encode_command(cmd, str(n)))
 
 
 class Outbox:
@@ -65,12 +62,16 @@ class Outbox:
         """The body of the next message: `first` (the SyncHdr Status), what fits of the queue,
         then `extra` (Alert 1222), within `budget` bytes when the server set MaxMsgSize."""
         body: list[Outgoing] = [first]
+        if budget is None:  # no MaxMsgSize from the server: everything goes
+            while self._queue:
+                body.append(self._take())
+            return body + extra
         used = (codec.MESSAGE_OVERHEAD + utf8_len(codec.encode_header(header))
-                + encoded_size(numbered(first, 1)))
-        reserve = sum(encoded_size(numbered(e, 99999)) for e in extra)
+                + encoded_size(first, 1))
+        reserve = sum(encoded_size(e, 99999) for e in extra)
         while self._queue:
             nxt = self._queue[0]
-            size = encoded_size(numbered(nxt, len(body) + 1))
+            size = encoded_size(nxt, len(body) + 1)
             if budget is None or used + size + reserve <= budget:
                 body.append(self._take())
                 used += size
@@ -91,7 +92,7 @@ class Outbox:
         total = None if self._chunking is results else utf8_len(item.data or "")
         skeleton = dataclasses.replace(results, items=(chunk_item(item, "", total=total,
                                                                   more=True),))
-        return encoded_size(numbered(skeleton, n))
+        return encoded_size(skeleton, n)
 
     def _take(self) -> Outgoing:
         out = self._queue.popleft()

@@ -56,7 +56,7 @@ from agent.syncml.messages import (
     SyncMLMessage,
     command_name,
 )
-from agent.syncml.outbox import Outbox, Outgoing, numbered
+from agent.syncml.outbox import Outbox, Outgoing
 from agent.syncml.summary import SessionSummary
 
 LOGIN_STATUS_TYPE = "com.microsoft/MDM/LoginStatus"
@@ -332,6 +332,9 @@ class ClientSession:
 
     def _item_command(self, cmd: ItemCommand, run: list[Command],
                       responses: list[Outgoing]) -> None:
+        if not (self._reassembler.busy or cmd.no_resp or any(i.more_data for i in cmd.items)):
+            run.append(cmd)  # the common case: not part of a large object
+            return
         result = self._reassembler.feed(cmd)
         if result.abandoned is not None:
             self._flush(run, responses)
@@ -450,15 +453,15 @@ class ClientSession:
         in every message but package 1, which has none: Windows still starts its CmdIDs at 2
         there, so CmdID 1 always belongs to the SyncHdr Status."""
         header = header or self._header()
-        cmds = [numbered(c, i) for i, c in enumerate(body, start=2 - _has_hdr(body))]
         self._last_body = body[_has_hdr(body):]
         self._last_final = final
         self._msg_id += 1
-        data = codec.encode(SyncMLMessage(header, tuple(cmds), final))
+        data = codec.encode(SyncMLMessage(header, tuple(body), final),
+                            number_from=2 - _has_hdr(body))
         s = self.summary
         s.messages_sent += 1
         s.bytes_sent += len(data)
-        for c in cmds:
+        for c in body:
             if isinstance(c, Status):
                 s.statuses_sent[c.data] += 1
             elif isinstance(c, Results):
