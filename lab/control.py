@@ -200,11 +200,13 @@ class HttpControl:
 
     def __init__(self, base_url: str, token: str, ca_bundle: str | None = None,
                  timeout: float = 30.0) -> None:
+        import ssl
+
         import httpx
 
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout,
-                                    verify=ca_bundle if ca_bundle else True,
+        verify = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, verify=verify,
                                     headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:

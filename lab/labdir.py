@@ -43,6 +43,8 @@ class LabConfigError(ValueError):
 class SessionPolicy:
     cmd_ids: str = "uuid"  # uuid (like Intune) | counter
     max_commands_per_message: int = 0  # 0: no limit (the client's MaxMsgSize still applies)
+    max_msg_size: int = 0  # MaxMsgSize the server advertises (0: none); small values make the
+    #                        client split its answers into several messages and chunks
     auth: str = "none"  # none | md5 (syncml:auth-md5 challenge on package 1)
     auth_username: str = ""  # "": the DeviceID
     auth_password: str = ""

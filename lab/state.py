@@ -354,7 +354,7 @@ class LabState:
                          "ORDER BY id", (device_id,))
 
     def mark_sent(self, command_id: int, *, session_id: str, msg_id: str, cmd_id: str,
-                  cmd_ids: list[str], xml: str, now: float) -> None:
+                  cmd_ids: Any, xml: str, now: float) -> None:
         with self.transaction() as db:
             db.execute("UPDATE commands SET state = 'sent', session_id = ?, msg_id = ?, "
                        "cmd_id = ?, cmd_ids = ?, xml = ?, sent_at = ? WHERE id = ?",
