@@ -192,8 +192,10 @@ class CertificateAuthority:
         for attr, base in CA_FILES.items():
             try:
                 cert = x509.load_pem_x509_certificate((directory / f"{base}.pem").read_bytes())
+                # The keys are ours (written by init): skip the slow RSA consistency check.
                 key = serialization.load_pem_private_key(
-                    (directory / f"{base}.key.pem").read_bytes(), password=None)
+                    (directory / f"{base}.key.pem").read_bytes(), password=None,
+                    unsafe_skip_rsa_key_validation=True)
             except (OSError, ValueError) as exc:
                 raise CAError(f"cannot load {base} from {directory}: {exc}") from None
             if not isinstance(key, rsa.RSAPrivateKey):
