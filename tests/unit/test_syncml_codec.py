@@ -297,7 +297,7 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "doctype after comment": (b"<!-- x --><!DOCTYPE a>" + _doc(b""), "DOCTYPE is not allowed"),
     "undeclared entity": (_doc(b"<Alert><CmdID>1</CmdID><Data>&xxe;</Data></Alert>"),
                           "Entity 'xxe' not defined"),
-    "50 MB body": (b"<SyncML>" + b" " * (50 * 1024 * 1024), "exceeds the limit of"),
+    "50 MB body": (b"", "exceeds the limit of"),  # built in the test, not kept around
     "deep nesting": (_doc(b"<X>" * 5000 + b"</X>" * 5000), "Excessive depth"),
     "invalid UTF-8": (_doc(b"<Alert><CmdID>1</CmdID><Data>\xff\xfe</Data></Alert>"),
                       "not UTF-8: invalid byte 0xFF"),
@@ -341,6 +341,8 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
 
 @pytest.mark.parametrize("wire,expect", HOSTILE.values(), ids=HOSTILE.keys())
 def test_hostile_input_fails_cleanly_and_fast(wire: bytes, expect: str) -> None:
+    if not wire and "limit" in expect:
+        wire = b"<SyncML>" + b" " * (50 * 1024 * 1024)
     start = time.perf_counter()
     with pytest.raises(SyncMLDecodeError) as info:
         codec.decode(wire)
