@@ -47,6 +47,10 @@ def _config(args: argparse.Namespace) -> Any:
     if args.notify:
         module, _, attr = args.notify.partition(":")
         notifier = getattr(importlib.import_module(module), attr or "notify")
+    elif args.lab_state:
+        from lab.scepca.notify import LabStateNotifier
+
+        notifier = LabStateNotifier(Path(args.lab_state))
     crs_dir = None if args.crs_dir == "none" else (args.crs_dir or
                                                    str(Path(args.dir) /
                                                        "CertificateRequestStatus"))
@@ -249,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--crs-dir", help="where CRS files go (default <dir>/"
                                      "CertificateRequestStatus; 'none' disables)")
     s.add_argument("--notify", help="module:function called with each CrsRecord")
+    s.add_argument("--lab-state", help="the lab MDM server's state.db: Notify completes its "
+                                       "CRS records (LabState.complete_crs)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 

@@ -108,6 +108,8 @@ class CrsRecord:
     serial: str = ""  # CertSerialNumber, upper-case hex
     thumbprint: str = ""
     expiration: datetime | None = None
+    not_before: datetime | None = None
+    spki_sha1: str = ""  # SHA-1 of the certificate's SubjectPublicKeyInfo, upper-case hex
     issuer_ca: str = ""
     subject: str = ""
     message: str = ""
@@ -119,6 +121,7 @@ class CrsRecord:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["expiration"] = self.expiration.isoformat() if self.expiration else None
+        d["not_before"] = self.not_before.isoformat() if self.not_before else None
         return d
 
     def to_xml(self) -> str:
@@ -159,3 +162,25 @@ class CrsDirectoryNotifier:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(record.to_xml(), encoding="utf-8")
         os.replace(tmp, path)
+
+
+class LabStateNotifier:
+    """Notify into the lab MDM server's state (`lab.state.LabState.complete_crs`): the issued
+    certificate is attached to the CRS record its CSR validation created, which is how the
+    lab MDM server learns the thumbprint the device will report (the connector's upload)."""
+
+    def __init__(self, state_db: Path) -> None:
+        self.state_db = Path(state_db)
+
+    def __call__(self, record: CrsRecord) -> None:
+        if not record.succeeded or not record.spki_sha1:
+            return  # failures are recorded by the validator that refused them
+        from lab.state import LabState
+
+        with LabState(self.state_db) as state:
+            state.complete_crs(record.spki_sha1, thumbprint=record.thumbprint,
+                               serial=record.serial,
+                               not_before=record.not_before.timestamp()
+                               if record.not_before else 0.0,
+                               expires=record.expiration.timestamp()
+                               if record.expiration else 0.0)

@@ -463,6 +463,11 @@ class ScepService:
             device_id=row.device_id if row else "", user_id=row.user_id if row else "",
             request_id=row.request_id if row else "", serial=serial_hex(cert.serial_number),
             thumbprint=sha1_thumbprint(cert), expiration=cert.not_valid_after_utc,
+            not_before=cert.not_valid_before_utc,
+            spki_sha1=hashlib.sha1(  # noqa: S324 - an identifier
+                cert.public_key().public_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest().upper(),
             issuer_ca=self.ca.cert.subject.rfc4514_string(),
             subject=cert.subject.rfc4514_string(), message="issued"), transaction_id)
 

@@ -317,3 +317,29 @@ def test_fifty_parallel_enrolments(lab_scep_ca: CaFactory, mode: str,
     for result, key in zip(results, keys, strict=True):
         assert result.certificate.public_key() == key.public_key()
     print(f"\n50 parallel enrolments ({mode}): {elapsed:.2f}s")
+
+
+def test_notify_into_the_lab_mdm_state(lab_scep_ca: CaFactory, key_pool: list[CryptoKeyHandle],
+                                       tmp_path: Path) -> None:
+    """The wiring the lead will use: Notify completes the CRS record that the lab MDM
+    server's validator created for the request (matched by the key's SPKI SHA-1)."""
+    from lab.scepca.notify import LabStateNotifier
+    from lab.state import LabState
+
+    key = key_pool[0]
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki_sha1 = hashes.Hash(hashes.SHA1())
+    spki_sha1.update(spki)
+    state_db = tmp_path / "state.db"
+    with LabState(state_db) as state:
+        state.add_crs(time.time(), device_id="dev-1", spki_sha1=spki_sha1.finalize().hex()
+                      .upper(), status="verified")
+    ca = lab_scep_ca(notifier=LabStateNotifier(state_db))
+    result = _run(enroll(_options(ca), key))
+    with LabState(state_db) as state:
+        (crs,) = state.crs("dev-1")
+    thumbprint = result.certificate.fingerprint(hashes.SHA1()).hex().upper()
+    assert (crs["status"], crs["thumbprint"]) == ("issued", thumbprint)
+    assert int(crs["serial"], 16) == result.certificate.serial_number
+    assert crs["expires"] == result.certificate.not_valid_after_utc.timestamp()
