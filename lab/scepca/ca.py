@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keystores.base import KeyAlgorithm, KeySpec, key_id_for
@@ -76,7 +76,7 @@ class IssuePlan:
     """Everything the issued certificate will hold; decided by the service's policy."""
 
     subject: x509.Name
-    public_key: rsa.RSAPublicKey | object
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
     serial: int
     not_before: datetime
     not_after: datetime
@@ -208,12 +208,12 @@ class CertificateAuthority:
     def issue(self, plan: IssuePlan) -> x509.Certificate:
         builder = (x509.CertificateBuilder()
                    .subject_name(plan.subject).issuer_name(self.ca.cert.subject)
-                   .public_key(plan.public_key)  # type: ignore[arg-type]
+                   .public_key(plan.public_key)
                    .serial_number(plan.serial)
                    .not_valid_before(plan.not_before).not_valid_after(plan.not_after)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(
-                       plan.public_key), False)  # type: ignore[arg-type]
+                       plan.public_key), False)
                    .add_extension(_aki(self.ca.cert), False))
         if plan.key_usage is not None:
             builder = builder.add_extension(plan.key_usage, True)

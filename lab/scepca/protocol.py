@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from asn1crypto import algos, cms, core
+from asn1crypto import algos, cms, core, parser
 from asn1crypto import x509 as ax509
 from cryptography import x509
 
@@ -239,8 +239,13 @@ def envelope_cipher(enveloped: bytes) -> ContentCipher:
         if info["content_type"].native != "enveloped_data":
             raise PeerError("the pkcsPKIEnvelope is not envelopedData",
                             hresult=HResult.CRYPT_E_INVALID_MSG_TYPE)
-        elements = scms.ber_elements(info["content"]["encrypted_content_info"].contents)
-        alg = algos.EncryptionAlgorithm.load(elements[1][4])
+        # Walk the EncryptedContentInfo's TLVs: Go clients encode its [0] encryptedContent
+        # as a constructed (BER) string, which asn1crypto's field access refuses.
+        eci = info["content"]["encrypted_content_info"].contents
+        _, _, _, header, contents, trailer = parser.parse(eci)  # contentType
+        second = eci[len(header) + len(contents) + len(trailer):]
+        _, _, _, header, contents, trailer = parser.parse(second)
+        alg = algos.EncryptionAlgorithm.load(header + contents + trailer)
         name = alg["algorithm"].native
         if name not in _CIPHERS:
             raise PeerError(f"content encryption {alg['algorithm'].dotted} ({name}) is not "
@@ -304,7 +309,7 @@ def parse_pki_message(body: bytes, decrypters: Sequence[Decrypter]) -> ScepReque
         except (ValueError, TypeError, KeyError) as exc:
             raise RequestRefused(FailInfo.BAD_REQUEST, f"CertPoll data is not "
                                  f"IssuerAndSubject: {exc}", header) from None
-        return _replace(request, issuer_der=issuer, subject_der=subject)
+        return replace(request, issuer_der=issuer, subject_der=subject)
     if mtype in (MessageType.GET_CERT, MessageType.GET_CRL):
         try:
             isn = cms.IssuerAndSerialNumber.load(data)
@@ -314,7 +319,7 @@ def parse_pki_message(body: bytes, decrypters: Sequence[Decrypter]) -> ScepReque
         except (ValueError, TypeError, KeyError) as exc:
             raise RequestRefused(FailInfo.BAD_REQUEST, f"{MESSAGE_NAMES[mtype]} data is not "
                                  f"IssuerAndSerialNumber: {exc}", header) from None
-        return _replace(request, issuer_der=issuer, serial=serial)
+        return replace(request, issuer_der=issuer, serial=serial)
     return request
 
 
@@ -331,12 +336,6 @@ def name_text(der: bytes) -> str:
         return str(ax509.Name.load(der).human_friendly)
     except (ValueError, TypeError):
         return der.hex()
-
-
-def _replace(req: ScepRequest, **changes: object) -> ScepRequest:
-    from dataclasses import replace
-
-    return replace(req, **changes)  # type: ignore[arg-type]
 
 
 # --- replies ---------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import DmAgentError
@@ -48,8 +51,8 @@ def key_usage_from_bits(bits: int) -> x509.KeyUsage:
     return x509.KeyUsage(**flags)
 
 
-def spki_hash(key: object) -> str:
-    der = key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+def spki_hash(key: PublicKeyTypes) -> str:
+    der = key.public_bytes(serialization.Encoding.DER,
                            serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
@@ -84,9 +87,11 @@ class ScepService:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._rand = rand
-        self._notifiers = [n for n in (config.notifier,
-                                       CrsDirectoryNotifier(config.crs_dir)  # type: ignore[arg-type]
-                                       if config.crs_dir else None) if n is not None]
+        self._notifiers: list[Callable[[CrsRecord], None]] = []
+        if config.notifier is not None:
+            self._notifiers.append(config.notifier)
+        if config.crs_dir:
+            self._notifiers.append(CrsDirectoryNotifier(Path(config.crs_dir)))
 
     # --- roles ------------------------------------------------------------------------------
 
@@ -319,13 +324,14 @@ class ScepService:
         return IssuePlan(csr.subject, csr.public_key, random_serial(), not_before, not_after,
                          ku, tuple(ekus), csr.san), name
 
-    def _issue_into(self, conn: object, row_id: int, csr: CsrInfo) -> x509.Certificate:
+    def _issue_into(self, conn: sqlite3.Connection, row_id: int,
+                    csr: CsrInfo) -> x509.Certificate:
         """Issue and record inside the caller's write transaction (the row is locked)."""
         for _ in range(8):
             plan, template = self._plan(csr)
             cert = self.ca.issue(plan)
             try:
-                self.db.update(conn, row_id,  # type: ignore[arg-type]
+                self.db.update(conn, row_id,
                                status=Status.ISSUED, serial=serial_hex(plan.serial),
                                thumbprint=sha1_thumbprint(cert), template=template,
                                not_after=cert.not_valid_after_utc.isoformat(),
