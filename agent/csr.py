@@ -24,33 +24,11 @@ from asn1crypto import core
 
 from agent.diagnostics import HResult
 from agent.errors import PeerError
+from agent.scep import der
 from keystores.base import HashAlg, KeyAlgorithm, KeyHandle
 
-# --- DER helpers ----------------------------------------------------------------------------
-
-
-def _len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def tlv(tag: int, *parts: bytes) -> bytes:
-    body = b"".join(parts)
-    return bytes([tag]) + _len(len(body)) + body
-
-
-def seq(*parts: bytes) -> bytes:
-    return tlv(0x30, *parts)
-
-
-def set_of(items: Sequence[bytes]) -> bytes:
-    return tlv(0x31, *sorted(items))  # DER: SET OF sorted by encoding (X.690 §11.6)
-
-
-def oid(dotted: str) -> bytes:
-    return bytes(core.ObjectIdentifier(dotted).dump())
+# DER building blocks (shared with the SCEP messages).
+tlv, seq, set_of, oid = der.tlv, der.seq, der.set_of, der.oid
 
 
 _PRINTABLE = re.compile(r"^[A-Za-z0-9 '()+,\-./:=?]*$")
@@ -59,8 +37,8 @@ _PRINTABLE = re.compile(r"^[A-Za-z0-9 '()+,\-./:=?]*$")
 def directory_string(text: str) -> bytes:
     """PrintableString when every character allows it, else UTF8String (X.520)."""
     if _PRINTABLE.match(text):
-        return bytes(core.PrintableString(text).dump())
-    return bytes(core.UTF8String(text).dump())
+        return der.printable_string(text)
+    return der.utf8_string(text)
 
 
 def _bad(node: str, value: str, why: str) -> PeerError:
@@ -217,9 +195,9 @@ def _encode_value(attr: NameAttribute) -> bytes:
         return attr.raw_der
     enc = next((e for o, e in _KEYS.values() if o == attr.oid), _Enc.DIRECTORY)
     if enc is _Enc.IA5:
-        return bytes(core.IA5String(attr.value).dump())
+        return tlv(0x16, attr.value.encode("ascii"))  # IA5String
     if enc is _Enc.PRINTABLE and _PRINTABLE.match(attr.value):
-        return bytes(core.PrintableString(attr.value).dump())
+        return der.printable_string(attr.value)
     return directory_string(attr.value)
 
 
@@ -302,7 +280,7 @@ def _ia5(value: str, what: str, node: str, text: str) -> bytes:
 def _general_name(fmt: AltNameFormat, value: str, node: str, text: str) -> bytes:
     if fmt in (AltNameFormat.OTHER_NAME_UPN, AltNameFormat.UPN):
         # otherName [0] { type-id, [0] EXPLICIT UTF8String }
-        return tlv(0xA0, oid(OID_UPN), tlv(0xA0, bytes(core.UTF8String(value).dump())))
+        return tlv(0xA0, oid(OID_UPN), tlv(0xA0, der.utf8_string(value)))
     if fmt is AltNameFormat.RFC822:
         if "@" not in value:
             raise _bad(node, text, f"RFC822 name {value!r} has no '@'")
@@ -443,7 +421,7 @@ OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
 
 
 def _bmp(text: str) -> bytes:
-    return bytes(core.BMPString(text).dump())
+    return tlv(0x1E, text.encode("utf-16-be"))  # BMPString (UCS-2 big-endian)
 
 
 # --- the request ----------------------------------------------------------------------------
@@ -477,7 +455,11 @@ def build_csr(req: CsrRequest, handle: KeyHandle) -> bytes:
     if req.eku.strip():
         exts.append(extension("2.5.29.37", seq(*(oid(o) for o in parse_eku(req.eku)))))
     if req.template_name.strip():
-        exts.append(extension(OID_TEMPLATE_NAME, _bmp(req.template_name.strip())))
+        template = req.template_name.strip()
+        if any(ord(ch) > 0xFFFF for ch in template):
+            raise _bad("TemplateName", template, "BMPString holds only characters of the "
+                                                 "Basic Multilingual Plane")
+        exts.append(extension(OID_TEMPLATE_NAME, _bmp(template)))
     attrs: list[bytes] = []
     if req.challenge:
         attrs.append(seq(oid(OID_CHALLENGE_PASSWORD), set_of([directory_string(req.challenge)])))

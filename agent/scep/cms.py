@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from agent.diagnostics import HResult
 from agent.errors import PeerError
+from agent.scep import der
+from agent.scep.ber import ber_elements, ber_octets, ber_to_der_lengths
 from agent.scep.capabilities import ContentCipher
 from keystores.base import HashAlg, KeyHandle, KeyStoreError, Padding
 
@@ -124,61 +126,89 @@ def signature_algorithm_for(handle: KeyHandle, digest_alg: HashAlg) -> cms.Signe
     return cms.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
 
 
+# OIDs of what we write (RFC 5652, RFC 3370, RFC 4055, RFC 3565, FIPS 180 / NIST arcs).
+OID_DATA = "1.2.840.113549.1.7.1"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+OID_RSAES_OAEP = "1.2.840.113549.1.1.7"
+OID_MGF1 = "1.2.840.113549.1.1.8"
+_DIGEST_OIDS: dict[HashAlg, str] = {
+    HashAlg.SHA1: "1.3.14.3.2.26", HashAlg.SHA256: "2.16.840.1.101.3.4.2.1",
+    HashAlg.SHA384: "2.16.840.1.101.3.4.2.2", HashAlg.SHA512: "2.16.840.1.101.3.4.2.3"}
+_ECDSA_OIDS: dict[HashAlg, str] = {
+    HashAlg.SHA1: "1.2.840.10045.4.1", HashAlg.SHA256: "1.2.840.10045.4.3.2",
+    HashAlg.SHA384: "1.2.840.10045.4.3.3", HashAlg.SHA512: "1.2.840.10045.4.3.4"}
+_CIPHER_OIDS: dict[ContentCipher, str] = {
+    ContentCipher.DES: "1.3.14.3.2.7", ContentCipher.DES3: "1.2.840.113549.3.7",
+    ContentCipher.AES128: "2.16.840.1.101.3.4.1.2", ContentCipher.AES192:
+    "2.16.840.1.101.3.4.1.22", ContentCipher.AES256: "2.16.840.1.101.3.4.1.42"}
+
+
+def encode_attribute(oid: str, value_der: bytes) -> bytes:
+    """DER Attribute { type, SET { value } } from an already-encoded value."""
+    return der.seq(der.oid(oid), der.tlv(0x31, value_der))
+
+
+def _issuer_and_serial(cert: x509.Certificate) -> bytes:
+    return der.seq(cert.issuer.public_bytes(), der.integer(cert.serial_number))
+
+
+def _signature_algorithm_der(handle: KeyHandle, digest_alg: HashAlg) -> bytes:
+    from keystores.base import KeyAlgorithm
+
+    if handle.spec.algorithm is KeyAlgorithm.EC:
+        return der.algorithm(_ECDSA_OIDS[digest_alg], None)
+    # rsaEncryption as the signature algorithm (RFC 5652 §5.3 allows it; every SCEP server
+    # accepts it, while some reject the sha*WithRSAEncryption OIDs in SignerInfo).
+    return der.algorithm(OID_RSA_ENCRYPTION)
+
+
 def sign_data(content: bytes, *, signer_cert: x509.Certificate, handle: KeyHandle,
-              digest_alg: HashAlg, attributes: Sequence[cms.CMSAttribute],
+              digest_alg: HashAlg, attributes: Sequence[cms.CMSAttribute | bytes],
               signing_time: datetime | None = None) -> bytes:
     """Build a DER ContentInfo(SignedData) over `content` (eContentType id-data).
 
-    contentType and messageDigest (RFC 5652 §11) and signingTime are added to `attributes`;
-    the signature covers the DER SET OF the signed attributes (§5.4) and is made by `handle`.
-    The signer certificate is included so the CA can encrypt its reply to it (RFC 8894 §3.2.2).
+    contentType and messageDigest (RFC 5652 §11) and signingTime are added to `attributes`
+    (asn1crypto attributes, or DER-encoded ones from `encode_attribute`); the signature
+    covers the DER SET OF the signed attributes (§5.4) and is made by `handle`. The signer
+    certificate is included so the CA can encrypt its reply to it (RFC 8894 §3.2.2).
     """
-    signer = to_asn1_cert(signer_cert)
-    attrs = [attribute("1.2.840.113549.1.9.3", cms.ContentType("data")),
-             attribute("1.2.840.113549.1.9.4", core.OctetString(digest(content, digest_alg)))]
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    attrs = [encode_attribute("1.2.840.113549.1.9.3", der.oid(OID_DATA)),
+             encode_attribute("1.2.840.113549.1.9.4",
+                              der.octet_string(digest(content, digest_alg)))]
     if signing_time is not None:
-        attrs.append(attribute("1.2.840.113549.1.9.5", cms.Time({"utc_time": signing_time})
-                               if 1950 <= signing_time.year < 2050
-                               else cms.Time({"generalized_time": signing_time})))
-    attrs.extend(attributes)
-    # DER SET OF: elements sorted by their encodings (X.690 §11.6).
-    attrs.sort(key=lambda a: a.dump())
-    signed_attrs = cms.CMSAttributes(attrs)
-    signature = handle.sign(signed_attrs.dump(), digest_alg)
-    digest_algo = algos.DigestAlgorithm({"algorithm": _DIGEST_NAMES[digest_alg]})
-    signer_info = cms.SignerInfo({
-        "version": "v1",
-        "sid": cms.SignerIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
-            "issuer": signer["tbs_certificate"]["issuer"],
-            "serial_number": signer["tbs_certificate"]["serial_number"]})}),
-        "digest_algorithm": digest_algo,
-        "signed_attrs": signed_attrs,
-        "signature_algorithm": signature_algorithm_for(handle, digest_alg),
-        "signature": signature,
-    })
-    signed = cms.SignedData({
-        "version": "v1",
-        "digest_algorithms": [digest_algo],
-        "encap_content_info": {"content_type": "data",
-                               "content": core.OctetString(content)},
-        "certificates": [signer],
-        "signer_infos": [signer_info],
-    })
-    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump())
+        attrs.append(encode_attribute("1.2.840.113549.1.9.5", der.time(signing_time)))
+    attrs.extend(a if isinstance(a, bytes) else bytes(a.dump()) for a in attributes)
+    attrs.sort()  # DER SET OF: sorted by encoding (X.690 §11.6)
+    body = b"".join(attrs)
+    signature = handle.sign(der.tlv(0x31, body), digest_alg)
+    digest_algo = der.algorithm(_DIGEST_OIDS[digest_alg])
+    signer_info = der.seq(
+        der.integer(1), _issuer_and_serial(signer_cert), digest_algo,
+        der.tlv(0xA0, body),  # signedAttrs [0] IMPLICIT
+        _signature_algorithm_der(handle, digest_alg), der.octet_string(signature))
+    signed = der.seq(
+        der.integer(1), der.tlv(0x31, digest_algo),
+        der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(content))),
+        der.tlv(0xA0, signer_cert.public_bytes(Encoding.DER)),  # certificates [0] IMPLICIT
+        der.tlv(0x31, signer_info))
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed))
 
 
 def degenerate_certs_only(certs: Sequence[x509.Certificate],
                           crls: Sequence[bytes] = ()) -> bytes:
     """A certs-only SignedData (RFC 8894 §3.4): how CertRep and GetCACert carry certificates."""
-    signed = cms.SignedData({
-        "version": "v1", "digest_algorithms": [],
-        "encap_content_info": {"content_type": "data"},
-        "certificates": [to_asn1_cert(c) for c in certs],
-        "signer_infos": [],
-    })
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    parts = [der.integer(1), der.tlv(0x31), der.seq(der.oid(OID_DATA)),
+             der.tlv(0xA0, *(c.public_bytes(Encoding.DER) for c in certs))]
     if crls:
-        signed["crls"] = [cms.RevocationInfoChoice.load(c) for c in crls]
-    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump())
+        parts.append(der.tlv(0xA1, *crls))
+    parts.append(der.tlv(0x31))
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, der.seq(*parts)))
 
 
 # --- EnvelopedData: build -------------------------------------------------------------------
@@ -198,37 +228,23 @@ def envelope(content: bytes, recipient: x509.Certificate, cipher: ContentCipher,
     key = rand(cipher.key_size)
     iv = rand(cipher.block_size)
     ciphertext = encrypt_content(content, cipher, key, iv)
-    rcpt = to_asn1_cert(recipient)
     if oaep is None:
-        kea: dict[str, object] = {"algorithm": "rsaes_pkcs1v15"}
+        kea = der.algorithm(OID_RSA_ENCRYPTION)
         encrypted_key = public.encrypt(key, padding.PKCS1v15())
     else:
         h = _HASHES[oaep]()
-        kea = {"algorithm": "rsaes_oaep", "parameters": {
-            "hash_algorithm": {"algorithm": _DIGEST_NAMES[oaep]},
-            "mask_gen_algorithm": {"algorithm": "mgf1",
-                                   "parameters": {"algorithm": _DIGEST_NAMES[oaep]}}}}
+        hash_alg = der.algorithm(_DIGEST_OIDS[oaep])
+        # RSAES-OAEP-params (RFC 4055 §4.1): SHA-1 / MGF1-SHA-1 are the DEFAULTs, omitted
+        params = b"" if oaep is HashAlg.SHA1 else (
+            der.explicit(0, hash_alg) + der.explicit(1, der.seq(der.oid(OID_MGF1), hash_alg)))
+        kea = der.algorithm(OID_RSAES_OAEP, der.seq(params))
         encrypted_key = public.encrypt(key, padding.OAEP(padding.MGF1(h), h, None))
-    ktri = cms.KeyTransRecipientInfo({
-        "version": "v0",
-        "rid": cms.RecipientIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
-            "issuer": rcpt["tbs_certificate"]["issuer"],
-            "serial_number": rcpt["tbs_certificate"]["serial_number"]})}),
-        "key_encryption_algorithm": kea,
-        "encrypted_key": encrypted_key,
-    })
-    enveloped = cms.EnvelopedData({
-        "version": "v0",
-        "recipient_infos": [cms.RecipientInfo({"ktri": ktri})],
-        "encrypted_content_info": {
-            "content_type": "data",
-            "content_encryption_algorithm": {"algorithm": _CIPHER_NAMES[cipher],
-                                             "parameters": core.OctetString(iv)},
-            "encrypted_content": ciphertext,
-        },
-    })
-    return bytes(cms.ContentInfo({"content_type": "enveloped_data",
-                                  "content": enveloped}).dump())
+    ktri = der.seq(der.integer(0), _issuer_and_serial(recipient), kea,
+                   der.octet_string(encrypted_key))
+    eci = der.seq(der.oid(OID_DATA), der.algorithm(_CIPHER_OIDS[cipher], der.octet_string(iv)),
+                  der.tlv(0x80, ciphertext))  # encryptedContent [0] IMPLICIT OCTET STRING
+    enveloped = der.seq(der.integer(0), der.tlv(0x31, ktri), eci)
+    return der.seq(der.oid(OID_ENVELOPED_DATA), der.explicit(0, enveloped))
 
 
 def _block_cipher(cipher: ContentCipher, key: bytes) -> object:
@@ -275,92 +291,6 @@ def decrypt_content(ciphertext: bytes, cipher: ContentCipher, key: bytes, iv: by
         raise PeerError("the decrypted content has invalid padding (wrong key or corrupted "
                         "ciphertext)", hresult=HResult.NTE_BAD_DATA)
     return plain[:-pad]
-
-
-# --- BER tolerance -------------------------------------------------------------------------
-
-def ber_elements(data: bytes) -> list[tuple[int, int, int, bytes, bytes]]:
-    """The TLVs in `data` as (class, method, tag, contents, full encoding); BER accepted."""
-    from asn1crypto import parser
-
-    out = []
-    pointer = 0
-    while pointer < len(data):
-        cls, method, tag, header, contents, trailer = parser.parse(data[pointer:])
-        size = len(header) + len(contents) + len(trailer)
-        out.append((cls, method, tag, contents, data[pointer:pointer + size]))
-        pointer += size
-    return out
-
-
-def _identifier(full: bytes) -> bytes:
-    """The identifier octets of a TLV (one byte, or more for tag numbers >= 31)."""
-    if full[0] & 0x1F != 0x1F:
-        return full[:1]
-    end = 1
-    while full[end] & 0x80:
-        end += 1
-    return full[: end + 1]
-
-
-def ber_to_der_lengths(data: bytes, depth: int = 0) -> bytes:
-    """Re-encode BER with definite lengths and universal OCTET STRINGs in one piece.
-
-    Go and Java CMS code sends indefinite lengths and chunked (constructed) OCTET STRINGs
-    (X.690 §8.1.3.6, §8.7.3); asn1crypto copes with only some of it (not inside CHOICEs),
-    so the structure is rewritten first. Values are untouched, and DER input (certificates
-    included) comes out byte for byte the same. Context-tagged constructed strings (the
-    [0] IMPLICIT encryptedContent) stay constructed: `ber_octets` reads those.
-    """
-    if depth > 64:
-        raise ValueError("ASN.1 nesting deeper than 64 levels")
-    out = bytearray()
-    for cls, method, tag, contents, full in ber_elements(data):
-        if method == 0:
-            ident = _identifier(full)
-            length = _length(len(contents))
-            if len(full) == len(ident) + len(length) + len(contents):
-                out += full  # already the minimal (DER) length encoding
-            else:
-                out += ident + length + contents
-            continue
-        if cls == 0 and tag == 16 and full[1] != 0x80 and _is_x509(contents):
-            out += full  # a certificate or CRL is signed DER: nothing to rewrite, skip the walk
-            continue
-        if cls == 0 and tag == 4:  # constructed OCTET STRING: one primitive value
-            value = ber_octets(1, contents)
-            out += b"\x04" + _length(len(value)) + value
-            continue
-        inner = ber_to_der_lengths(contents, depth + 1)
-        out += _identifier(full) + _length(len(inner)) + inner
-    return bytes(out)
-
-
-def _is_x509(contents: bytes) -> bool:
-    """Contents of a Certificate/CRL: a definite-length TBS SEQUENCE starting with v2/v3."""
-    if len(contents) < 8 or contents[0] != 0x30 or contents[1] == 0x80:
-        return False
-    skip = 2 + (contents[1] & 0x7F if contents[1] & 0x80 else 0)
-    return contents[skip: skip + 4] in (b"\xa0\x03\x02\x01", b"\x02\x01\x01\x30")
-
-
-def _length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def ber_octets(method: int, contents: bytes) -> bytes:
-    """The value of an OCTET STRING, primitive or constructed (X.690 §8.7.3: chunks)."""
-    if method == 0:
-        return contents
-    chunks = []
-    for cls, m, tag, inner, _ in ber_elements(contents):
-        if cls != 0 or tag != 4:
-            raise ValueError("a constructed OCTET STRING holds something else than OCTET STRINGs")
-        chunks.append(ber_octets(m, inner))
-    return b"".join(chunks)
 
 
 def _encrypted_content(eci_contents: bytes, what: str) -> tuple[ContentCipher, bytes, bytes]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from asn1crypto import cms, core, keys
+from asn1crypto import core
 from asn1crypto import x509 as ax509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import PeerError
 from agent.scep import cms as scms
+from agent.scep import der
 from agent.scep.capabilities import Algorithms
 from agent.scep.errors import ScepFailure
 from keystores.base import HashAlg, KeyAlgorithm, KeyHandle, PublicKey
@@ -83,8 +84,14 @@ def public_key_der(public_key: PublicKeyTypes) -> bytes:
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _cert_signature_algorithm(handle: KeyHandle) -> str:
-    return "sha256_ecdsa" if handle.spec.algorithm is KeyAlgorithm.EC else "sha256_rsa"
+def _cert_signature_algorithm(handle: KeyHandle) -> bytes:
+    if handle.spec.algorithm is KeyAlgorithm.EC:
+        return der.algorithm("1.2.840.10045.4.3.2", None)  # ecdsa-with-SHA256
+    return der.algorithm("1.2.840.113549.1.1.11")  # sha256WithRSAEncryption
+
+
+_TRANSIENT_NAME = der.seq(der.tlv(0x31, der.seq(der.oid("2.5.4.3"),
+                                                der.utf8_string("SCEP transient certificate"))))
 
 
 def transient_certificate(handle: KeyHandle, subject_der: bytes, now: datetime,
@@ -97,29 +104,18 @@ def transient_certificate(handle: KeyHandle, subject_der: bytes, now: datetime,
     """
     if serial is None:
         serial = int.from_bytes(os.urandom(16), "big") >> 1 or 1
-    name = ax509.Name.load(subject_der)
-    if not name.chosen:  # an empty subject: give the transient cert a name CAs can log
-        name = ax509.Name.build({"common_name": "SCEP transient certificate"})
+    name = subject_der if subject_der not in (b"", b"\x30\x00") else _TRANSIENT_NAME
     start = (now - timedelta(minutes=5)).replace(microsecond=0)
-    tbs = ax509.TbsCertificate({
-        "version": "v3",
-        "serial_number": serial,
-        "signature": {"algorithm": _cert_signature_algorithm(handle)},
-        "issuer": name,
-        "validity": {"not_before": ax509.Time({"utc_time": start}),
-                     "not_after": ax509.Time({"utc_time": start + timedelta(days=7)})},
-        "subject": name,
-        "subject_public_key_info": keys.PublicKeyInfo.load(
-            public_key_der(handle.public_key())),
-        "extensions": [{"extn_id": "basic_constraints", "critical": True,
-                        "extn_value": {"ca": False}}],
-    })
-    signature = handle.sign(tbs.dump(), HashAlg.SHA256)
-    cert = ax509.Certificate({"tbs_certificate": tbs,
-                              "signature_algorithm": {"algorithm":
-                                                      _cert_signature_algorithm(handle)},
-                              "signature_value": signature})
-    return x509.load_der_x509_certificate(cert.dump())
+    alg = _cert_signature_algorithm(handle)
+    tbs = der.seq(
+        der.explicit(0, der.integer(2)),  # v3
+        der.integer(serial), alg, name,
+        der.seq(der.time(start), der.time(start + timedelta(days=7))),
+        name, public_key_der(handle.public_key()),
+        der.explicit(3, der.seq(  # basicConstraints, critical, cA FALSE (empty SEQUENCE)
+            der.seq(der.oid("2.5.29.19"), der.TRUE, der.octet_string(der.seq())))))
+    signature = handle.sign(tbs, HashAlg.SHA256)
+    return x509.load_der_x509_certificate(der.seq(tbs, alg, der.bit_string(signature)))
 
 
 @dataclass(frozen=True)
@@ -144,13 +140,13 @@ def build_pki_message(message_type: MessageType, message_data: bytes, *, handle:
     nonce = sender_nonce if sender_nonce is not None else rand(NONCE_SIZE)
     enveloped = scms.envelope(message_data, recipient, algorithms.cipher, rand)
     attrs = [
-        scms.attribute(OID_MESSAGE_TYPE, core.PrintableString(str(int(message_type)))),
-        scms.attribute(OID_TRANSACTION_ID, core.PrintableString(transaction_id)),
-        scms.attribute(OID_SENDER_NONCE, core.OctetString(nonce)),
+        scms.encode_attribute(OID_MESSAGE_TYPE, der.printable_string(str(int(message_type)))),
+        scms.encode_attribute(OID_TRANSACTION_ID, der.printable_string(transaction_id)),
+        scms.encode_attribute(OID_SENDER_NONCE, der.octet_string(nonce)),
     ]
-    der = scms.sign_data(enveloped, signer_cert=signer_cert, handle=handle,
-                         digest_alg=algorithms.digest, attributes=attrs, signing_time=now)
-    return PendingRequest(message_type, transaction_id, nonce, signer_cert, algorithms, der,
+    signed = scms.sign_data(enveloped, signer_cert=signer_cert, handle=handle,
+                            digest_alg=algorithms.digest, attributes=attrs, signing_time=now)
+    return PendingRequest(message_type, transaction_id, nonce, signer_cert, algorithms, signed,
                           subject_der)
 
 
@@ -209,9 +205,7 @@ def cert_poll(pending: PendingRequest, *, handle: KeyHandle, ca_cert: x509.Certi
 
     IssuerAndSubject names the issuing CA and the subject of our request.
     """
-    issuer = ax509.Name.load(ca_cert.subject.public_bytes())
-    data = IssuerAndSubject({"issuer": issuer,
-                             "subject": ax509.Name.load(pending.subject_der)}).dump()
+    data = der.seq(ca_cert.subject.public_bytes(), pending.subject_der or der.seq())
     return build_pki_message(MessageType.CERT_POLL, data, handle=handle,
                              signer_cert=pending.signer_cert, recipient=recipient,
                              algorithms=pending.algorithms,
@@ -220,8 +214,7 @@ def cert_poll(pending: PendingRequest, *, handle: KeyHandle, ca_cert: x509.Certi
 
 
 def _issuer_and_serial(issuer: x509.Name, serial: int) -> bytes:
-    return bytes(cms.IssuerAndSerialNumber({"issuer": ax509.Name.load(issuer.public_bytes()),
-                                            "serial_number": serial}).dump())
+    return der.seq(issuer.public_bytes(), der.integer(serial))
 
 
 def get_cert(issuer: x509.Name, serial: int, *, handle: KeyHandle,

@@ -342,3 +342,9 @@ def test_no_optional_parts_no_attributes() -> None:
     csr = x509.load_der_x509_csr(build_csr(CsrRequest(subject="CN=bare"), key))
     assert list(csr.attributes) == []
     assert list(csr.extensions) == []
+
+
+def test_template_name_outside_bmp_is_refused() -> None:
+    with pytest.raises(PeerError, match="Install/TemplateName"):
+        build_csr(CsrRequest(subject="CN=x", template_name="Wi\U0001F600Fi"),
+                  CryptoKeyHandle.rsa(1024))
