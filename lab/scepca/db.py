@@ -16,6 +16,7 @@ A new connection per unit of work keeps the object free of thread affinity.
 from __future__ import annotations
 
 import enum
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -143,9 +144,16 @@ class CADatabase:
     def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
-        with self._connect() as conn:
+        if not self.path.exists():  # pending CSRs carry challenge passwords: owner only
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        conn = self._connect()
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SCHEMA)
+        finally:
+            conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,

@@ -225,7 +225,7 @@ class ScepService:
         info = parse_challenge(csr.challenge)
         common = {"transaction_id": req.transaction_id, "message_type": int(req.message_type),
                   "subject": csr.subject.rfc4514_string(), "requester": req.requester,
-                  "signer_key": spki_hash(req.signer_cert.public_key()), "csr": csr.der,
+                  "signer_key": spki_hash(req.signer_cert.public_key()),
                   "csr_sha256": csr_hash, "device_id": info.device_id,
                   "user_id": info.user_id, "request_id": info.request_id}
         if not accepted:
@@ -234,6 +234,8 @@ class ScepService:
                                      message_type=int(req.message_type), decider=decider,
                                      accepted=False, reason=reason, requester=req.requester)
                 self.db.insert(conn, status=Status.REJECTED, reason=reason, **common)
+        # The CSR holds the challenge password (a secret): it is kept only while the request
+        # waits for approval (the certificate is issued from it later), never after.
             self._notify_failure(req, common, reason, FailInfo.BAD_REQUEST)
             log.info("%s %s: FAILURE badRequest: %s", proto.message_name(req.message_type),
                      req.transaction_id, reason)
@@ -246,7 +248,7 @@ class ScepService:
                 self.db.add_decision(conn, transaction_id=req.transaction_id,
                                      message_type=int(req.message_type), decider=decider,
                                      accepted=True, reason=reason, requester=req.requester)
-                self.db.insert(conn, status=Status.PENDING,
+                self.db.insert(conn, status=Status.PENDING, csr=csr.der,
                                reason=f"waiting for approval ({pending})",
                                approve_at=now_ts + pending.value
                                if pending.kind is PendingKind.AFTER_SECONDS else None,
@@ -260,7 +262,8 @@ class ScepService:
             self.db.add_decision(conn, transaction_id=req.transaction_id,
                                  message_type=int(req.message_type), decider=decider,
                                  accepted=True, reason=reason, requester=req.requester)
-            row_id = self.db.insert(conn, status=Status.PENDING, reason="issuing", **common)
+            row_id = self.db.insert(conn, status=Status.PENDING, reason="issuing",
+                                    **common)
             cert = self._issue_into(conn, row_id, csr)
         self._notify_issued(req.transaction_id, cert)
         return self._issued_reply(req, cert.public_bytes(serialization.Encoding.DER))
@@ -336,7 +339,7 @@ class ScepService:
                                thumbprint=sha1_thumbprint(cert), template=template,
                                not_after=cert.not_valid_after_utc.isoformat(),
                                cert=cert.public_bytes(serialization.Encoding.DER),
-                               reason="issued")
+                               reason="issued", csr=None)
             except SerialCollision:
                 continue
             log.info("issued serial %s to %s (thumbprint %s)", serial_hex(plan.serial),
@@ -442,7 +445,7 @@ class ScepService:
                 self.db.insert(conn, transaction_id=header.transaction_id,
                                message_type=header.message_type, status=Status.REJECTED,
                                subject=subject, requester=requester,
-                               reason=f"{name}: {text}", csr=csr_der,
+                               reason=f"{name}: {text}",
                                csr_sha256=hashlib.sha256(csr_der).hexdigest()
                                if csr_der else "")
         if enrol:

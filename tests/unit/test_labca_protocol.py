@@ -140,6 +140,9 @@ def test_pending_manual_then_certpoll(make_env: Callable[..., Env]) -> None:
     poll = m.cert_poll(req, handle=key, ca_cert=env.ca.cert, recipient=env.recipient,
                        now=env.now())
     assert env.send(poll, key, key).status is m.PkiStatus.PENDING
+    pending = env.service.db.get(req.transaction_id)
+    assert pending is not None and pending.csr is not None
+    assert oct(env.service.db.path.stat().st_mode & 0o777) == "0o600"
     env.service.db.approve(req.transaction_id)
     poll = m.cert_poll(req, handle=key, ca_cert=env.ca.cert, recipient=env.recipient,
                        now=env.now())
@@ -147,6 +150,7 @@ def test_pending_manual_then_certpoll(make_env: Callable[..., Env]) -> None:
     assert rep.status is m.PkiStatus.SUCCESS and rep.issued is not None
     (row,) = env.service.db.requests()
     assert row.status is Status.ISSUED and row.polls == 2 and row.approved
+    assert row.csr is None  # kept only while pending: it holds the challenge password
     deciders = [d.decider for d in env.service.db.decisions(req.transaction_id)]
     assert deciders == ["static", "operator"]
 
@@ -365,6 +369,7 @@ def test_failinfo(make_env: Callable[..., Env], case: FailCase) -> None:
     if req.message_type in (m.MessageType.PKCS_REQ, m.MessageType.RENEWAL_REQ):
         (row,) = env.service.db.requests()
         assert row.status is Status.REJECTED and case.text in row.reason
+        assert row.csr is None
 
 
 def test_certpoll_for_a_rejected_request_is_badrequest(make_env: Callable[..., Env]) -> None:
