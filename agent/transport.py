@@ -163,6 +163,10 @@ class HttpTransport:
                 return bytes(buf)
         except httpx.HTTPError as exc:
             raise _transport_error(exc, url) from None
+        except OSError as exc:
+            # httpcore lets some TLS failures through unwrapped, e.g. TLS 1.3's "certificate
+            # required" alert, which arrives with the first read after the handshake.
+            raise _transport_error(exc, url) from None
 
 
 def _check_content_type(value: str, url: str, body: bytes) -> None:
@@ -224,7 +228,7 @@ def _too_large(url: str, what: str, limit: int) -> PeerError:
                      advice="the client advertises its MaxMsgSize; the server must respect it")
 
 
-def _transport_error(exc: httpx.HTTPError, url: str) -> DmAgentError:
+def _transport_error(exc: httpx.HTTPError | OSError, url: str) -> DmAgentError:
     """WinHTTP's view of a transport failure (HRESULT_FROM_WIN32(ERROR_WINHTTP_*))."""
     if isinstance(exc, httpx.TimeoutException):  # before the causes: a TLS read can time out
         return UnreachableError(f"{url} did not answer in time ({type(exc).__name__})",
@@ -242,10 +246,14 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> DmAgentError:
                 hresult=HResult.WINHTTP_SECURE_FAILURE,
                 advice="put the server's root CA in server.ca_bundle")
         if isinstance(cause, ssl.SSLError):
-            return UnreachableError(f"TLS with {url} failed: {cause.reason or cause}",
-                                    hresult=HResult.WINHTTP_SECURE_FAILURE,
-                                    advice="check the server certificate, server.ca_bundle "
-                                           "and the client certificate")
+            reason = str(cause.reason or cause)
+            client_side = any(k in reason for k in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
+                                                    "UNKNOWN_CA", "CERTIFICATE_UNKNOWN"))
+            return UnreachableError(
+                f"TLS with {url} failed: {reason}", hresult=HResult.WINHTTP_SECURE_FAILURE,
+                advice="the server refused the client certificate: check server.client_cert "
+                       "and server.client_key" if client_side else
+                "check the server certificate, server.ca_bundle and the client certificate")
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.ConnectError):
         text = str(exc).lower()
