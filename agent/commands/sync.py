@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
                     "server, like Settings > Accounts > Access work or school > Sync: package "
                     "1, then the server's commands against the DM tree until the server ends "
                     "the session. --once runs it in this process (the documented mode); "
-                    "without it, the command asks a running daemon to sync.",
+                    "asking a running daemon to sync (without --once) is not available yet.",
         epilog="exit codes: 0 the session completed, 1 the server refused or broke the "
                "protocol (auth, abort), 4 the server could not be reached, 5 no enrollment.")
     p.add_argument("--once", action="store_true",
