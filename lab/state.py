@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS deliveries(
   scope TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
   challenge_id TEXT, last_sent REAL, sessions_since INTEGER NOT NULL DEFAULT 0,
   status INTEGER, error_code INTEGER, thumbprint TEXT, not_before REAL, not_after REAL,
-  renew_at REAL, detail TEXT, updated REAL, PRIMARY KEY(device_id, profile_id));
+  renew_at REAL, detail TEXT, updated REAL, nodecache_id TEXT, nodecache_expected TEXT,
+  PRIMARY KEY(device_id, profile_id));
 CREATE TABLE IF NOT EXISTS roots(
   device_id TEXT NOT NULL, scope TEXT NOT NULL, thumbprint TEXT NOT NULL, at REAL,
   PRIMARY KEY(device_id, scope, thumbprint));
@@ -81,7 +82,7 @@ Row = dict[str, Any]
 _DEVICE_FIELDS = ("name", "upn", "aad_device_id", "serial", "groups", "auth_password", "info")
 _DELIVERY_FIELDS = ("unique_id", "scope", "state", "attempts", "challenge_id", "last_sent",
                     "sessions_since", "status", "error_code", "thumbprint", "not_before",
-                    "not_after", "renew_at", "detail")
+                    "not_after", "renew_at", "detail", "nodecache_id", "nodecache_expected")
 _CRS_FIELDS = ("device_id", "upn", "profile_id", "unique_id", "request_id", "challenge_id",
                "transaction_id", "spki_sha1", "subject", "thumbprint", "serial", "not_before",
                "expires", "status", "hresult", "reason", "detail")
@@ -117,6 +118,14 @@ class LabState:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a lab directory may have been created (additive only)."""
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(deliveries)")}
+        for column in ("nodecache_id", "nodecache_expected"):
+            if column not in have:
+                self.db.execute(f"ALTER TABLE deliveries ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:

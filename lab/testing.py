@@ -336,6 +336,15 @@ class ScriptedTree:
         self.executed.append((c.kind.value, uri))
         if uri in self.fail:
             return [Status("", msg_ref, str(c.cmd_id), c.kind.value, self.fail[uri])]
+        if c.kind is Cmd.GET and uri.endswith("/ChangedNodes") and "/NodeCache/" in uri:
+            # NodeCache: the ids whose NodeURI's value differs from ExpectedValue
+            base = uri.rsplit("/", 1)[0] + "/Nodes/"
+            ids = sorted({k[len(base):].split("/")[0] for k in self.values if k.startswith(base)})
+            changed = [i for i in ids if self.values.get(self.values.get(
+                f"{base}{i}/NodeURI", ""), None) != self.values.get(f"{base}{i}/ExpectedValue")]
+            return [Status("", msg_ref, str(c.cmd_id), "Get", 200),
+                    Results("", msg_ref, str(c.cmd_id), (Item(
+                        source=uri, meta=Meta(format="chr"), data=",".join(changed)),))]
         if c.kind is Cmd.GET:
             if uri not in self.values:
                 return [Status("", msg_ref, str(c.cmd_id), "Get", 404)]

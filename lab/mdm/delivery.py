@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -122,6 +124,12 @@ def decide(d: Row | None, unique_id: str, now: float, policy: DeliveryPolicy,
     return Decision(Action.NONE, f"state {state}")
 
 
+def _cached(d: Row) -> bool:
+    """Installed, and the device's NodeCache watches the thumbprint we know."""
+    return bool(d["state"] == "installed" and d["nodecache_id"] and d["thumbprint"]
+                and str(d["nodecache_expected"] or "").upper() == d["thumbprint"])
+
+
 def device_values(device_id: str, dev: Row | None) -> dict[Var, str | None]:
     dev = dev or {}
     info = dev.get("info") or {}
@@ -205,14 +213,29 @@ class Planner:
                                    {"kind": "inventory", "uri": uri}))
         if not self.cfg.delivery.followup:
             return out
+        cached = False
         for d in self.state.deliveries(device_id):
-            if d["state"] in ("delivered", "enrolling", "installed", "failed", "removed-cert"):
-                base = scep_node(d["scope"], d["unique_id"])
-                gets = "".join(codec.encode_command(_item(Cmd.GET, f"{base}/{n}"))
-                               for n in FOLLOWUP_NODES)
-                out.append(Planned(gets, {"kind": "followup", "profile": d["profile_id"],
-                                          "unique_id": d["unique_id"]}))
+            if self.cfg.delivery.nodecache and _cached(d):
+                cached = True  # the device's NodeCache tells us when it changes
+            elif d["state"] in ("delivered", "enrolling", "installed", "failed",
+                                "removed-cert"):
+                out.append(self._followup(d))
+        if cached:
+            get = _item(Cmd.GET, f"{self.nodecache_root}/ChangedNodes")
+            out.append(Planned(codec.encode_command(get), {"kind": "nodecache_changed"}))
         return out
+
+    def _followup(self, d: Row) -> Planned:
+        base = scep_node(d["scope"], d["unique_id"])
+        gets = "".join(codec.encode_command(_item(Cmd.GET, f"{base}/{n}"))
+                       for n in FOLLOWUP_NODES)
+        return Planned(gets, {"kind": "followup", "profile": d["profile_id"],
+                              "unique_id": d["unique_id"]})
+
+    @property
+    def nodecache_root(self) -> str:
+        # Intune's provider is "MS DM Server": %-escaped in the URI (MS%20DM%20Server)
+        return f"./Vendor/MSFT/NodeCache/{quote(self.cfg.provider_id, safe='')}"
 
     # --- round B ------------------------------------------------------------------------------
 
@@ -246,7 +269,34 @@ class Planner:
                                         "unique_id": d["unique_id"]}))
                     self.state.put_delivery(device_id, d["profile_id"], self.now,
                                             state="removing", detail="profile unassigned")
+        if self.cfg.delivery.nodecache:
+            for d in self.state.deliveries(device_id):
+                if d["profile_id"] in assigned and d["state"] == "installed" and \
+                        d["scope"] == Scope.DEVICE.value and not _cached(d):
+                    out.append(self._nodecache_setup(device_id, d))
         return out
+
+    def _nodecache_setup(self, device_id: str, d: Row) -> Planned:
+        """Watch the node's CertThumbprint: NodeURI + ExpectedValue, as Intune caches the
+        certificate it expects (seed 000); a changed value shows up in ChangedNodes."""
+        uri = f"{scep_node(d['scope'], d['unique_id'])}/CertThumbprint"
+        reported = self.state.reported(device_id).get(uri)
+        expected = (reported or {}).get("value") or d["thumbprint"]
+        base = self.nodecache_root
+        node_id = d["nodecache_id"]
+        if node_id:
+            cmds = [_item(Cmd.REPLACE, f"{base}/Nodes/{node_id}/ExpectedValue", expected, "chr")]
+        else:
+            used = [int(x["nodecache_id"]) for x in self.state.deliveries(device_id)
+                    if str(x["nodecache_id"] or "").isdigit()]
+            node_id = str(max(used, default=0) + 1)
+            cmds = [_item(Cmd.ADD, base, fmt="node"),
+                    _item(Cmd.ADD, f"{base}/Nodes/{node_id}", fmt="node"),
+                    _item(Cmd.ADD, f"{base}/Nodes/{node_id}/NodeURI", uri, "chr"),
+                    _item(Cmd.ADD, f"{base}/Nodes/{node_id}/ExpectedValue", expected, "chr")]
+        return Planned("".join(codec.encode_command(c) for c in cmds),
+                       {"kind": "nodecache_setup", "profile": d["profile_id"],
+                        "node_id": node_id, "expected": expected})
 
     def _root(self, profile: ScepProfile) -> x509.Certificate | None:
         path_text = str(profile.trusted_root) if profile.trusted_root else self.cfg.scep_ca
@@ -338,9 +388,22 @@ class Planner:
     # --- answers --------------------------------------------------------------------------
 
     def handle(self, device_id: str, purpose: dict[str, Any],
-               answers: list[tuple[int | None, list[dict[str, Any]]]]) -> None:
-        """`answers`: per top-level command of the row, its Status code and Results items."""
+               answers: list[tuple[int | None, list[dict[str, Any]]]]) -> list[Planned]:
+        """`answers`: per top-level command of the row, its Status code and Results items.
+        Returns more round-A commands when the answer calls for them (NodeCache changes)."""
         kind = purpose.get("kind")
+        if kind == "nodecache_changed":
+            return self._nodecache_changed(device_id, answers[0])
+        if kind == "nodecache_setup":
+            if all(code in (200, 418) for code, _ in answers):
+                self.state.put_delivery(device_id, str(purpose["profile"]), self.now,
+                                        nodecache_id=str(purpose["node_id"]),
+                                        nodecache_expected=str(purpose["expected"]))
+            else:
+                self.state.put_delivery(device_id, str(purpose["profile"]), self.now,
+                                        detail=f"NodeCache set-up answered "
+                                               f"{[c for c, _ in answers]}")
+            return []
         if kind == "inventory":
             code, items = answers[0]
             if code == 200 and items and items[0].get("data"):
@@ -361,6 +424,27 @@ class Planner:
             else:
                 self.state.put_delivery(device_id, str(purpose["profile"]), self.now,
                                         detail=f"Delete answered {code}")
+        return []
+
+    def _nodecache_changed(self, device_id: str,
+                           answer: tuple[int | None, list[dict[str, Any]]]) -> list[Planned]:
+        code, items = answer
+        cached = [d for d in self.state.deliveries(device_id) if _cached(d)]
+        if code != 200:  # the cache is gone (e.g. a reset device): read everything, set up again
+            for d in cached:
+                self.state.put_delivery(device_id, d["profile_id"], self.now, nodecache_id=None,
+                                        nodecache_expected=None)
+            return [self._followup(d) for d in cached]
+        text = str(items[0].get("data") or "") if items else ""
+        changed = {x for x in re.split(r"[,/\s]+", text) if x}
+        out = []
+        for d in cached:
+            if d["nodecache_id"] in changed:
+                self.state.put_delivery(device_id, d["profile_id"], self.now,
+                                        detail="NodeCache: CertThumbprint changed",
+                                        nodecache_expected=None)
+                out.append(self._followup(d))
+        return out
 
     def _delivered(self, device_id: str, purpose: dict[str, Any],
                    answers: list[tuple[int | None, list[dict[str, Any]]]]) -> None:

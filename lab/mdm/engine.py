@@ -389,7 +389,10 @@ class _Exchange:
             answers.append((statuses[-1]["code"], items))
         self.st.mark_done(row_id, self.now)
         if row["origin"] == "lab":
-            self.planner.handle(self.device, row["purpose"], answers)
+            for p in self.planner.handle(self.device, row["purpose"], answers):
+                new_id = self.enqueue_lab(p.xml, p.purpose)
+                if self.sess["phase"] in ("new", "A"):
+                    self.sess["lab_rows_a"].append(new_id)
 
     # --- planning and sending ----------------------------------------------------------------
 

@@ -236,3 +236,27 @@ def test_edited_profile_lands_in_a_new_node(env: Env) -> None:
     assert env.uid() != old
     assert env.tree.values[env.node("Install/KeyLength")] == "4096"
     assert "profile changed" in str(env.delivery()["detail"])
+
+
+def test_nodecache_watches_the_thumbprint_instead_of_reading_it(env: Env) -> None:
+    env.lab.configure(delivery={"nodecache": True})
+    env.sync()
+    thumb = "CD" * 20
+    env.report(1, 0, thumb)
+    env.sync()  # follow-up: installed → NodeCache set up for its CertThumbprint
+    cache = "./Vendor/MSFT/NodeCache/MS%20DM%20Server"
+    assert env.tree.values[f"{cache}/Nodes/1/NodeURI"] == env.node("CertThumbprint")
+    assert env.tree.values[f"{cache}/Nodes/1/ExpectedValue"] == thumb
+    d = env.delivery()
+    assert d["nodecache_id"] == "1" and d["nodecache_expected"] == thumb
+    env.tree.executed.clear()
+    env.sync()  # unchanged: only ChangedNodes is read, no follow-up Gets
+    gets = [u for k, u in env.tree.executed if k == "Get"]
+    assert gets == [f"{cache}/ChangedNodes"]
+    # the certificate disappears: ChangedNodes lists node 1 → follow-up → delivered again
+    env.report(1, 0, "")
+    env.tree.executed.clear()
+    env.sync()
+    gets = [u for k, u in env.tree.executed if k == "Get"]
+    assert gets[0] == f"{cache}/ChangedNodes" and env.node("CertThumbprint") in gets
+    assert env.enrolls() == 1 and env.delivery()["state"] == "delivered"
