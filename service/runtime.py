@@ -57,6 +57,9 @@ class DeviceRuntime:
     # --- start-up ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        url = self.ctx.config.server.url
+        if url:  # the configured server is this device's MDM (enrolled on first start)
+            EnrollmentStore(self.ctx.registry).ensure(url, upn=self.ctx.device.user_upn)
         self.rearm_tasks()
         if self.ctx.config.sync.on_start:
             self.request_sync("start")

@@ -1,4 +1,5 @@
-"""`dmagent sync --once`: run one OMA-DM management session now, from this process."""
+"""`dmagent sync`: run an OMA-DM management session now — through the running daemon when
+there is one, else (and always with --once) in this process."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ def register(sub: Any) -> None:
         description="Run one OMA-DM (SyncML 1.2, MS-MDM) management session with the MDM "
                     "server, like Settings > Accounts > Access work or school > Sync: package "
                     "1, then the server's commands against the DM tree until the server ends "
-                    "the session. --once runs it in this process (the documented mode); "
-                    "asking a running daemon to sync (without --once) is not available yet.",
+                    "the session. When a daemon runs for this state dir, it syncs (like "
+                    "SIGHUP) and this command prints its result; otherwise, and always with "
+                    "--once, the session runs in this process.",
         epilog="exit codes: 0 the session completed, 1 the server refused or broke the "
                "protocol (auth, abort), 4 the server could not be reached, 5 no enrollment.")
     p.add_argument("--once", action="store_true",
-                   help="run the session in this process and exit when it ends")
+                   help="run the session in this process even when a daemon runs")
     p.add_argument("--server", metavar="URL",
                    help="the MDM server's OMA-DM URL (ADDR); uses or creates the enrollment "
                         "for it (default: server.url, else the default enrollment)")
@@ -39,14 +41,15 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, app: App) -> int:
     import asyncio
 
-    from agent.errors import LocalError
     from agent.omadm import run_session, tree_executor
     from agent.syncml.session import LoginStatus
     from agent.transport import HttpTransport, TransportOptions
 
-    if not args.once:
-        raise LocalError("no dmagent daemon is running to sync now",
-                         advice="run `dmagent sync --once` to sync from this process")
+    if not args.once and not args.server:
+        from agent.statelock import StateLock
+
+        if StateLock(app.config.state_dir / "dmagent.lock").holder_pid() is not None:
+            return _through_daemon(args, app)
     ctx = app.ctx
     enrollment = _enrollment(app, args.server)
     executor = tree_executor(ctx, enrollment)
@@ -58,13 +61,43 @@ def run(args: argparse.Namespace, app: App) -> int:
                                      server_initiated=args.server_initiated,
                                      login_status=login)
 
+    from agent.enrollment import EnrollmentStore
+
     summary = asyncio.run(session())
+    EnrollmentStore(ctx.registry).record_session(
+        enrollment, summary.failure is None,
+        detail="ok" if summary.failure is None else summary.failure.message)
     if args.json:
         app.print_json({"enrollment_id": enrollment.enrollment_id, **summary.as_dict()})
     else:
         _print_text(app, enrollment, summary)
     if summary.failure is not None:
         raise summary.failure
+    return 0
+
+
+def _through_daemon(args: argparse.Namespace, app: App) -> int:
+    import asyncio
+
+    from agent.control import request
+    from agent.errors import PeerError
+
+    answer = asyncio.run(request(app.config.state_dir, {"cmd": "sync"}))
+    if args.json:
+        app.print_json({"via": "daemon", **answer})
+    else:
+        for r in answer.get("results", []):
+            summary = r.get("summary", {})
+            app.print(f"Session with enrollment {r['enrollment_id']} (through the daemon): "
+                      f"{'completed' if r['ok'] else 'failed: ' + r.get('error', '')}"
+                      + (f", {summary.get('messages_sent')} message(s) sent"
+                         if summary else ""))
+        if not answer.get("results"):
+            app.print("the daemon has no enrollment to sync" if answer.get("ok") else
+                      f"the daemon could not sync: {answer.get('error', '')}")
+    if not answer.get("ok"):
+        detail = "; ".join(r.get("error", "") for r in answer.get("results", []))
+        raise PeerError(f"the sync through the daemon failed: {detail or answer.get('error')}")
     return 0
 
 
