@@ -4,23 +4,27 @@ with the lab's challenge validator, swtpm; device and user scope; results report
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from lab.testing import LabServer, MicromdmInstance, micromdm_with_validator
 from tests.conftest import REPO, CliResult, SwtpmInstance
+from tests.e2e.daemon_support import (
+    DEVICE,
+    UPN,
+    agent_env,
+    server_view,
+    start_daemon,
+    status,
+    wait_for,
+)
 
 Cli = Callable[..., CliResult]
-DEVICE = "0E7C2B6A-5D4F-4A3B-9C8D-7E6F5A4B3C2D"
-UPN = "alice@lab.test"
 
 
 @pytest.fixture
@@ -37,43 +41,8 @@ def lab(tmp_path: Path) -> Iterator[tuple[LabServer, MicromdmInstance]]:
             scep.stop()
 
 
-def agent_env(state_dir: Path, lab: LabServer, tcti: str = "") -> dict[str, str]:
-    return {**os.environ, "DMAGENT_STATE_DIR": str(state_dir),
-            "DMAGENT_SERVER_URL": lab.url, "DMAGENT_SERVER_CA_BUNDLE": lab.ca_bundle,
-            "DMAGENT_DEVICE_DEVICE_ID": DEVICE, "DMAGENT_DEVICE_NAME": "dev-e2e",
-            "DMAGENT_DEVICE_USER_UPN": UPN, "DMAGENT_TPM_TCTI": tcti,
-            "DMAGENT_TASKS_INTERVAL_SECONDS": "1", "DMAGENT_TASKS_MINUTE_SECONDS": "0.2",
-            "DMAGENT_SYNC_POLL_MINUTE_SECONDS": "0.5"}
-
-
-def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "agent.cli", "-v", "run"], env=env,
-                                cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-
-
-def status(env: dict[str, str]) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json"], env=env,
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    tail = log.read_text()[-3000:] if log else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
-
-
 def server_thumbprints(lab: LabServer) -> dict[str, str]:
-    assert lab.client is not None
-    dev = lab.client.device(DEVICE)
-    return {d["scope"]: d["thumbprint"] or "" for d in dev["deliveries"]}
+    return {scope: d["thumbprint"] or "" for scope, d in server_view(lab).items()}
 
 
 @pytest.mark.slow
