@@ -441,8 +441,14 @@ class CsrRequest:
     challenge: str = field(default="", repr=False)  # a secret: never in repr or logs
 
 
-def build_csr(req: CsrRequest, handle: KeyHandle) -> bytes:
-    """DER CertificationRequest (RFC 2986) for `handle`'s key, signed through the handle."""
+def validate_request(req: CsrRequest) -> None:
+    """Check every Install value before a key is made for them (raises the PeerError
+    build_csr would raise): a bad profile must not cost a TPM key."""
+    _encode(req)
+
+
+def _encode(req: CsrRequest) -> tuple[bytes, bytes, HashAlg]:
+    """(subject Name, [0] attributes, CSR hash) of a request, everything but the key."""
     name = subject_der(req.subject)
     exts: list[bytes] = []
     if req.subject_alt_names.strip():
@@ -475,11 +481,17 @@ def build_csr(req: CsrRequest, handle: KeyHandle) -> bytes:
                     seq(_bmp("ValidityPeriodUnits"), _bmp(str(count))))
         attrs.append(seq(oid(OID_NAME_VALUE_PAIR), set_of([pairs])))
     hash_alg = csr_hash(req.hash_algorithm) if req.hash_algorithm else HashAlg.SHA256
+    return name, tlv(0xA0, *sorted(attrs)), hash_alg
+
+
+def build_csr(req: CsrRequest, handle: KeyHandle) -> bytes:
+    """DER CertificationRequest (RFC 2986) for `handle`'s key, signed through the handle."""
     from cryptography.hazmat.primitives import serialization
 
+    name, attrs, hash_alg = _encode(req)
     spki = handle.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    info = seq(b"\x02\x01\x00", name, spki, tlv(0xA0, *sorted(attrs)))
+    info = seq(b"\x02\x01\x00", name, spki, attrs)
     signature = handle.sign(info, hash_alg)
     if handle.spec.algorithm is KeyAlgorithm.EC:
         alg = seq(oid({HashAlg.SHA256: "1.2.840.10045.4.3.2", HashAlg.SHA384:

@@ -340,6 +340,7 @@ class ScepProxy:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.on_pki: Any = None
         self.on_get: Any = None  # (operation) -> Reply | None to override GetCACaps/GetCACert
+        self.bare_only = False  # 404 for .../pkiclient.exe, as micromdm answers
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -391,8 +392,11 @@ class ScepProxy:
         import base64
         import urllib.parse
 
-        _, _, query = h.path.partition("?")
+        path, _, query = h.path.partition("?")
         self.requests.append((h.command, h.path, dict(h.headers.items())))
+        if self.bare_only and path.endswith("pkiclient.exe"):
+            Reply(b"404 page not found\n", 404, "text/plain").send(h)
+            return
         params = urllib.parse.parse_qs(query)
         operation = params.get("operation", [""])[0]
         if operation == "PKIOperation":

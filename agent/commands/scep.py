@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from agent.commands.base import App, add_json_flag
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from cryptography import x509
 
     from agent.config import ScepConfig
@@ -311,8 +313,9 @@ def run_getcacert(args: argparse.Namespace, app: App) -> int:
 # --- enroll / renew -------------------------------------------------------------------------
 
 def run_enroll(args: argparse.Namespace, app: App) -> int:
-    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
+    from agent.csr import validate_request
     from agent.errors import LocalError
     from keystores.base import KeyAlgorithm, KeySpec
 
@@ -322,26 +325,37 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
     key_password = _key_password(args) if args.out_key else None
     challenge = read_challenge(args)
     csr = _csr_request(args, challenge, args.subject)
-    options = _options(args, csr)
+    validate_request(csr)  # a bad profile value must not cost a key
     store = _key_store(args, app)
     spec = KeySpec(KeyAlgorithm.RSA, args.key_length, exportable=bool(args.out_key),
                    label="dmagent scep enroll")
-    cfg = _scep_config(args, app)
+    store.check(spec)
+    # The key is made in a worker thread while this thread imports the SCEP and HTTP stack
+    # and asks GetCACaps/GetCACert (which need no key): RSA generation releases the GIL (and a
+    # TPM create waits on the TPM), so start-up, key generation and the first round trips
+    # overlap instead of adding up. The key is awaited when the CSR is built.
+    started = time.perf_counter()
+    made: list[float] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygen") as pool:
+        pending_key = pool.submit(store.create, spec)
+        pending_key.add_done_callback(lambda _: made.append(time.perf_counter() - started))
+        import asyncio
 
-    async def go() -> tuple[EnrollResult, KeyHandle, float]:
-        started = time.perf_counter()
-        store.check(spec)
-        key = (await asyncio.to_thread(store.create, spec) if store.kind == "tpm"
-               else store.create(spec))
-        keygen = time.perf_counter() - started
+        options = _options(args, csr)
+        cfg = _scep_config(args, app)
+
+        async def run() -> EnrollResult:
+            return await _enroll(args, cfg, options, asyncio.wrap_future(pending_key))
+
         try:
-            result = await _enroll(args, cfg, options, key)
+            result = asyncio.run(run())
         except BaseException:
-            store.delete(key.key_id)  # a key for a request that failed is of no use
+            # a key for a request that failed is of no use (wait for it if still being made)
+            if pending_key.exception() is None:
+                store.delete(pending_key.result().key_id)
             raise
-        return result, key, keygen
-
-    result, key, keygen = asyncio.run(go())
+        key = pending_key.result()
+    keygen = made[0] if made else 0.0
     if args.out_key and key_password is not None:
         export = getattr(key, "export_pkcs8", None)
         if export is None:
@@ -368,11 +382,13 @@ def run_renew(args: argparse.Namespace, app: App) -> int:
     except ValueError as exc:
         raise LocalError(f"{args.cert} is not a certificate: {exc}") from None
     challenge = read_challenge(args)
-    from agent.csr import name_to_str
+    from agent.csr import name_to_str, validate_request
 
     subject = args.subject if args.subject is not None else name_to_str(
         old_cert.subject.public_bytes())
-    options = _options(args, _csr_request(args, challenge, subject))
+    csr = _csr_request(args, challenge, subject)
+    validate_request(csr)
+    options = _options(args, csr)
     store = _key_store(args, app)
     cfg = _scep_config(args, app)
 
@@ -401,7 +417,7 @@ def run_renew(args: argparse.Namespace, app: App) -> int:
 
 
 async def _enroll(args: argparse.Namespace, cfg: ScepConfig, options: EnrollOptions,
-                  key: KeyHandle, **kwargs: Any) -> EnrollResult:
+                  key: KeyHandle | Awaitable[KeyHandle], **kwargs: Any) -> EnrollResult:
     from agent.scep.enroll import enroll
 
     async with _http(args, cfg) as http:

@@ -105,6 +105,26 @@ def endpoints_for(server_url: str, windows_url_form: bool) -> list[list[Endpoint
     return out
 
 
+class EndpointMemo:
+    """Which URL form answered, per ServerURL entry.
+
+    Held by whoever runs many enrollments against the same servers (a fleet, the daemon) and
+    passed to each `ScepClient`, so only the first transaction pays the Windows-form probe
+    (`.../pkiclient.exe` -> 404 -> bare URL) for a server that serves only the bare URL. The
+    remembered form is tried first, never exclusively: if it stops answering, the others are
+    tried again as usual.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, Endpoint] = {}
+
+    def get(self, server_url: str) -> Endpoint | None:
+        return self._known.get(server_url)
+
+    def remember(self, endpoint: Endpoint) -> None:
+        self._known[endpoint.server_url] = endpoint
+
+
 class _LazyTlsTransport(httpx.AsyncBaseTransport):
     """Plain-HTTP requests use a transport without CA bundle; the TLS one is built on demand.
 
@@ -153,9 +173,16 @@ class ScepClient:
     """An async SCEP client for one ServerURL value (one transaction at a time)."""
 
     def __init__(self, server_url: str, config: ScepConfig | None = None, *,
-                 http: httpx.AsyncClient | None = None, verify: bool | str = True) -> None:
+                 http: httpx.AsyncClient | None = None, verify: bool | str = True,
+                 memo: EndpointMemo | None = None) -> None:
         self.config = config or ScepConfig()
+        self._memo = memo
         self._candidates = endpoints_for(server_url, self.config.windows_url_form)
+        if memo is not None:
+            for forms in self._candidates:
+                known = memo.get(forms[0].server_url)
+                if known in forms:
+                    forms.sort(key=lambda e: e != known)
         self._own_http = http is None
         self._http = http or make_http_client(self.config, verify=verify)
         self.endpoint: Endpoint | None = None
@@ -237,6 +264,8 @@ class ScepClient:
                     raise
                 self.attempts.append((endpoint.url, "ok"))
                 self.endpoint = endpoint
+                if self._memo is not None:
+                    self._memo.remember(endpoint)
                 return result
         assert last is not None
         if len(self._candidates) > 1:

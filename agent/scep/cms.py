@@ -321,13 +321,24 @@ def _encrypted_content(eci_contents: bytes, what: str) -> tuple[ContentCipher, b
 
 # --- EnvelopedData: open --------------------------------------------------------------------
 
-def _rid_matches(rid: cms.RecipientIdentifier, cert: ax509.Certificate) -> bool:
+def _rid_matches(rid: cms.RecipientIdentifier, cert: x509.Certificate) -> bool:
+    """Does a RecipientIdentifier / SignerIdentifier name `cert`?
+
+    issuerAndSerialNumber compares the issuer's DER first (the usual case, cheap) and falls
+    back to RFC 5280 §7.1 name comparison (case and space folding) only when the bytes differ.
+    """
     if rid.name == "issuer_and_serial_number":
         ias = rid.chosen
-        return bool(ias["issuer"] == cert.issuer
-                    and ias["serial_number"].native == cert.serial_number)
-    ski = cert.key_identifier
-    return ski is not None and rid.chosen.native == ski
+        if ias["serial_number"].native != cert.serial_number:
+            return False
+        if ias["issuer"].dump() == cert.issuer.public_bytes():
+            return True
+        return bool(ias["issuer"] == to_asn1_cert(cert).issuer)
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return False
+    return bool(rid.chosen.native == ski)
 
 
 def open_envelope(data: bytes, handle: KeyHandle, recipient_cert: x509.Certificate,
@@ -339,10 +350,9 @@ def open_envelope(data: bytes, handle: KeyHandle, recipient_cert: x509.Certifica
             raise PeerError(f"{what} is a {info['content_type'].native}, not envelopedData",
                             hresult=HResult.CRYPT_E_INVALID_MSG_TYPE)
         env = info["content"]
-        ours = to_asn1_cert(recipient_cert)
         ktri = None
         for ri in env["recipient_infos"]:
-            if ri.name == "ktri" and _rid_matches(ri.chosen["rid"], ours):
+            if ri.name == "ktri" and _rid_matches(ri.chosen["rid"], recipient_cert):
                 ktri = ri.chosen
                 break
         if ktri is None:
@@ -405,7 +415,7 @@ class VerifiedSignedData:
 def _find_signer(sid: cms.SignerIdentifier,
                  candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
     for cand in candidates:
-        if _rid_matches(sid, to_asn1_cert(cand)):  # SignerIdentifier has the same two choices
+        if _rid_matches(sid, cand):  # SignerIdentifier has the same two choices
             return cand
     return None
 
@@ -487,13 +497,11 @@ def verify_signed_data(data: bytes, trusted: Sequence[x509.Certificate],
         # The signature covers the attributes with the SET OF tag (RFC 5652 §5.4). Take the
         # bytes as received (re-tagged) so BER-encoding signers verify too; fall back to DER.
         received = raw_attrs.dump()
-        candidates = [b"\x31" + received[1:]]
-        der = cms.CMSAttributes(list(raw_attrs)).dump(force=True)
-        if der != candidates[0]:
-            candidates.append(der)
+        as_set = b"\x31" + received[1:]
         sig_alg = si["signature_algorithm"]
-        if not any(_verify_signature(signer, signature, c, sig_alg, digest_alg)
-                   for c in candidates):
+        if not _verify_signature(signer, signature, as_set, sig_alg, digest_alg) and (
+                (reencoded := cms.CMSAttributes(list(raw_attrs)).dump(force=True)) == as_set
+                or not _verify_signature(signer, signature, reencoded, sig_alg, digest_alg)):
             raise PeerError(f"the signature of {what} does not verify with the key of "
                             f"{signer.subject.rfc4514_string()}",
                             hresult=HResult.NTE_BAD_SIGNATURE,

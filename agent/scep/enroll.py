@@ -15,13 +15,13 @@ and the clock are injected so tests do not wait minutes.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 from cryptography import x509
 
 from agent.config import ScepConfig
@@ -35,9 +35,12 @@ from agent.scep.capabilities import (
     choose_algorithms,
     parse_caps,
 )
-from agent.scep.client import ScepClient
+from agent.scep.client import EndpointMemo, ScepClient
 from agent.scep.errors import ScepPendingError
 from keystores.base import HashAlg, KeyAlgorithm, KeyHandle
+
+if TYPE_CHECKING:  # imported through agent.scep.client, which keeps httpx's CLI out
+    import httpx
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[Any]]
@@ -78,6 +81,15 @@ class EnrollResult:
         return {name: round(seconds * 1000, 2) for name, seconds in self.timings}
 
 
+def _require_rsa(key: KeyHandle) -> None:
+    if key.spec.algorithm is not KeyAlgorithm.RSA:
+        from agent.diagnostics import HResult
+        from agent.errors import LocalError
+
+        raise LocalError("SCEP needs an RSA key: the CA encrypts its reply to our key "
+                         "(RFC 8894 §3.2.2)", hresult=HResult.NTE_BAD_ALGID)
+
+
 def is_blocking(handle: KeyHandle) -> bool:
     """TPM handles block on the TPM (a socket or /dev/tpmrm0 round trip per command)."""
     flag = getattr(handle, "blocking", None)
@@ -107,26 +119,26 @@ class _Timer:
         self._t = now
 
 
-async def enroll(options: EnrollOptions, key: KeyHandle, *, config: ScepConfig | None = None,
+async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], *,
+                 config: ScepConfig | None = None,
                  http: httpx.AsyncClient | None = None, sleep: Sleep = asyncio.sleep,
                  minute_seconds: float = 60.0, now: Callable[[], datetime] = _utcnow,
                  renew_with: tuple[KeyHandle, x509.Certificate] | None = None,
-                 ) -> EnrollResult:
+                 memo: EndpointMemo | None = None) -> EnrollResult:
     """Enrol `key` (already created in its key store) with the SCEP server(s) of `options`.
 
     `renew_with=(old_key, old_cert)` makes it a renewal: a RenewalReq signed with the
     existing certificate when the CA advertises Renewal, else a PKCSReq signed with it
-    (RFC 8894 §3.3.1). The issued certificate must carry `key`'s public key.
-    """
-    if key.spec.algorithm is not KeyAlgorithm.RSA:
-        from agent.diagnostics import HResult
-        from agent.errors import LocalError
+    (RFC 8894 §3.3.1). The issued certificate must carry `key`'s public key. `http` and
+    `memo` are shared by callers that run many enrollments (connection reuse, URL form).
 
-        raise LocalError("SCEP needs an RSA key: the CA encrypts its reply to our key "
-                         "(RFC 8894 §3.2.2)", hresult=HResult.NTE_BAD_ALGID)
+    `key` may also be an awaitable of the handle (a key still being generated): GetCACaps and
+    GetCACert need no key, so they run while it is made, and it is awaited only for the CSR.
+    """
+    if not inspect.isawaitable(key):
+        _require_rsa(key)
     timer = _Timer()
-    blocking = is_blocking(key) or (renew_with is not None and is_blocking(renew_with[0]))
-    async with ScepClient(options.server_url, config, http=http) as client:
+    async with ScepClient(options.server_url, config, http=http, memo=memo) as client:
         caps = await client.get_ca_caps()
         if options.caps_override is not None:
             caps = parse_caps(options.caps_override)
@@ -136,6 +148,11 @@ async def enroll(options: EnrollOptions, key: KeyHandle, *, config: ScepConfig |
         timer.mark("getcacert")
         algs = choose_algorithms(caps, cipher=options.cipher, digest=options.digest,
                                  post=options.post)
+        if inspect.isawaitable(key):
+            key = await key
+            _require_rsa(key)
+            timer.mark("key")
+        blocking = is_blocking(key) or (renew_with is not None and is_blocking(renew_with[0]))
         csr_der = await _key_op(blocking, build_csr, options.csr, key)
         timer.mark("csr")
         if renew_with is None:

@@ -96,11 +96,15 @@ def test_challenge_never_echoed(run_cli: Run, scepserver_factory: Callable[..., 
         assert "hunter2" not in out and "Zq9" not in out
 
 
+@pytest.mark.parametrize("extra", [["--ca-thumbprint", "11" * 20], []],
+                         ids=["wrong-thumbprint", "wrong-challenge"])
 def test_failed_enrollment_leaves_no_key(run_cli: Run, scepserver: ScepServerInstance,
-                                         state_dir: Path) -> None:
-    wrong = run_cli("scep", "enroll", scepserver.url, "--subject", "CN=x",
-                    env={"DMAGENT_SCEP_CHALLENGE": "wrong"})
+                                         state_dir: Path, extra: list[str]) -> None:
+    """The key is generated while the CA is asked; a refusal at any point removes it."""
+    wrong = run_cli("scep", "enroll", scepserver.url, "--subject", "CN=x", *extra,
+                    env={"DMAGENT_SCEP_CHALLENGE": "secret" if extra else "wrong"})
     assert wrong.returncode == 1
+    assert ("Failed to Initialize" if extra else "badRequest") in wrong.stderr
     keys = state_dir / "keys" / "software"
     assert not keys.exists() or not any(p.name.endswith(".key.pem") for p in keys.iterdir())
 

@@ -319,3 +319,49 @@ def test_timeout_is_winhttp_timeout(software: SoftwareKeyStore) -> None:
                  config=dataclasses.replace(ScepConfig(), timeout=0.3))
     assert err.value.hresult == HResult.WINHTTP_TIMEOUT
 
+
+
+def test_key_may_arrive_while_the_ca_is_asked(scepserver: ScepServerInstance,
+                                              software: SoftwareKeyStore,
+                                              proxy: ScepProxy) -> None:
+    """enroll() accepts a key still being generated: GetCACaps/GetCACert go first."""
+    seen_before_key: list[int] = []
+
+    async def main() -> EnrollResult:
+        async def slow_key() -> KeyHandle:
+            await asyncio.sleep(0.05)
+            seen_before_key.append(len(proxy.requests))
+            return await asyncio.to_thread(software.create, KeySpec())
+
+        return await enroll(_options(proxy.url), slow_key(),
+                            config=ScepConfig(windows_url_form=False))
+
+    result = asyncio.run(main())
+    assert seen_before_key == [2]  # caps + cert were asked before the key was there
+    assert [n for n, _ in result.timings][:3] == ["getcacaps", "getcacert", "key"]
+    key = software.load(software.list_ids()[0])
+    _check_issued(result, key, scepserver)
+
+
+def test_endpoint_memo_skips_the_probe_next_time(software: SoftwareKeyStore,
+                                                 proxy: ScepProxy) -> None:
+    from agent.scep.client import EndpointMemo, make_http_client
+
+    proxy.bare_only = True  # like micromdm: /scep/pkiclient.exe is a 404
+    memo = EndpointMemo()
+
+    async def one() -> EnrollResult:
+        async with make_http_client() as http:
+            return await enroll(_options(proxy.url), software.create(KeySpec()), http=http,
+                                memo=memo)
+
+    def probes() -> int:
+        return sum("pkiclient.exe" in path for _, path, _ in proxy.requests)
+
+    first = asyncio.run(one())
+    assert probes() == 1 and first.respondent_url == proxy.url
+    second = asyncio.run(one())
+    assert probes() == 1  # no second probe: the memo knew the bare URL answers
+    assert second.respondent_url == proxy.url
+    without = asyncio.run(enroll(_options(proxy.url), software.create(KeySpec())))
+    assert probes() == 2 and without.respondent_url == proxy.url

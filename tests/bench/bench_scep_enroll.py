@@ -1,0 +1,156 @@
+"""SCEP enrollment cost (`make bench`): dmagent against micromdm's own client, same server.
+
+1. Whole process: N sequential `dmagent scep enroll` runs (fresh RSA-2048 key each, software
+   key store) and N `scepclient` runs (it generates its RSA-2048 key too), interleaved so load
+   drifts hit both alike. Target: dmagent <= 1.0x scepclient per enrollment.
+2. In process: `enroll()` with a key made beforehand, i.e. the client's own overhead beyond
+   key generation (server time included). Target: <= 15 ms per enrollment.
+
+Prints medians, the ratio, the per-phase split and what dominates start-up; the targets are
+reported, not asserted (the numbers depend on the machine), correctness is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, ScepServerInstance, need_binary
+
+pytestmark = [pytest.mark.bench, pytest.mark.scepserver]
+N = int(os.environ.get("DMAGENT_BENCH_N", "20"))
+
+
+def _dmagent_argv() -> list[str]:
+    script = Path(sys.executable).with_name("dmagent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+
+
+def _ms(values: list[float]) -> str:
+    return (f"median {statistics.median(values) * 1000:7.1f} ms  "
+            f"min {min(values) * 1000:7.1f}  max {max(values) * 1000:7.1f}")
+
+
+def _import_profile(argv: list[str], env: dict[str, str]) -> list[tuple[int, str]]:
+    """Top-level imports by cumulative time (python -X importtime) for one CLI run."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "agent.cli", *argv[1:]],
+                          env=env, capture_output=True, text=True, cwd=REPO, check=True)
+    rows = []
+    for line in proc.stderr.splitlines():
+        parts = line.split("|")
+        if not line.startswith("import time:") or len(parts) != 3:
+            continue
+        cumulative, name = parts[1].strip(), parts[2]
+        if cumulative.isdigit() and name.startswith(" ") and not name.startswith("  "):
+            rows.append((int(cumulative), name.strip()))  # depth 0: imported by our code
+    return sorted(rows, reverse=True)[:12]
+
+
+def test_cli_against_scepclient(scepserver: ScepServerInstance, tmp_path: Path) -> None:
+    scepclient = need_binary("scepclient")
+    env = {**os.environ, "DMAGENT_STATE_DIR": str(tmp_path / "state"),
+           "DMAGENT_SCEP_CHALLENGE": scepserver.challenge}
+    env.pop("DMAGENT_CONFIG", None)
+    dm_argv = _dmagent_argv()
+
+    def dmagent(i: int) -> float:
+        argv = [*dm_argv, "scep", "enroll", scepserver.url, "--subject", f"CN=bench-dm-{i}",
+                "--json"]
+        started = time.perf_counter()
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO,
+                              check=False)
+        elapsed = time.perf_counter() - started
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)["thumbprint"]) == 40
+        return elapsed
+
+    def micromdm(i: int) -> float:
+        key, cert = tmp_path / f"sc{i}.key", tmp_path / f"sc{i}.pem"
+        argv = [scepclient, "-server-url", scepserver.url, "-challenge", scepserver.challenge,
+                "-private-key", str(key), "-certificate", str(cert), "-cn", f"bench-sc-{i}"]
+        started = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, check=False)
+        elapsed = time.perf_counter() - started
+        assert proc.returncode == 0 and cert.exists(), proc.stderr
+        return elapsed
+
+    dmagent(-1), micromdm(-1)  # warm the page cache and the server
+    ours, theirs = [], []
+    for i in range(N):
+        ours.append(dmagent(i))
+        theirs.append(micromdm(i))
+    idle = []
+    for _ in range(5):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        idle.append(time.perf_counter() - started)
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    print(f"\n=== SCEP enrollment, whole process, N={N}, RSA-2048, {scepserver.url}")
+    print(f"dmagent scep enroll : {_ms(ours)}")
+    print(f"scepclient          : {_ms(theirs)}")
+    print(f"ratio dmagent/scepclient = {ratio:.2f}x  (target <= 1.0x: "
+          f"{'met' if ratio <= 1.0 else 'MISSED'})")
+    print(f"python -c pass      : {_ms(idle)}  (interpreter floor)")
+    imports = _import_profile(
+        [*dm_argv, "scep", "enroll", scepserver.url, "--subject", "CN=bench-import"], env)
+    print("largest top-level imports of one run (cumulative, python -X importtime):")
+    for micros, name in imports:
+        print(f"  {micros / 1000:7.1f} ms  {name}")
+
+
+def test_in_process_overhead(scepserver: ScepServerInstance, tmp_path: Path) -> None:
+    from agent.csr import CsrRequest
+    from agent.scep.client import EndpointMemo, make_http_client
+    from agent.scep.enroll import EnrollOptions, enroll
+    from agent.sealing import Sealer
+    from keystores.base import KeySpec
+    from keystores.software import SoftwareKeyStore
+
+    store = SoftwareKeyStore(tmp_path / "keys", Sealer(secrets.token_bytes(32)))
+
+    async def run(shared: bool) -> tuple[list[float], list[float], dict[str, list[float]]]:
+        http = make_http_client() if shared else None
+        memo = EndpointMemo() if shared else None
+        keygen, total, phases = [], [], {}
+        try:
+            for i in range(N + 1):
+                started = time.perf_counter()
+                key = store.create(KeySpec())
+                made = time.perf_counter()
+                options = EnrollOptions(scepserver.url, CsrRequest(
+                    subject=f"CN=bench-ip-{i}", challenge=scepserver.challenge))
+                result = await enroll(options, key, http=http, memo=memo)
+                done = time.perf_counter()
+                assert result.certificate.public_key().public_numbers() == \
+                    key.public_key().public_numbers()  # type: ignore[union-attr]
+                if i == 0:
+                    continue  # first run pays one-time imports (anyio) and pool set-up
+                keygen.append(made - started)
+                total.append(done - made)
+                for name, ms in result.timings_ms().items():
+                    phases.setdefault(name, []).append(ms)
+        finally:
+            if http is not None:
+                await http.aclose()
+        return keygen, total, phases
+
+    keygen, fresh, phases = asyncio.run(run(shared=False))
+    _, shared, shared_phases = asyncio.run(run(shared=True))
+    print(f"\n=== SCEP enrollment in process, N={N}")
+    print(f"key generation (software store, RSA-2048): {_ms(keygen)}")
+    print(f"enroll(), own HTTP client    : {_ms(fresh)}")
+    print(f"enroll(), shared HTTP client + endpoint memo : {_ms(shared)}  (as a fleet runs)")
+    best = statistics.median(shared)
+    print(f"target <= 15 ms beyond key generation: {'met' if best <= 0.015 else 'MISSED'}")
+    for label, ph in (("own client", phases), ("shared client", shared_phases)):
+        split = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in ph.items())
+        print(f"phases, {label} (median ms): {split}")
