@@ -134,7 +134,7 @@ class _LazyTlsTransport(httpx.AsyncBaseTransport):
     with `verify`, the first time an https URL (or a redirect to one) is requested.
     """
 
-    def __init__(self, verify: bool | str, limits: httpx.Limits) -> None:
+    def __init__(self, verify: bool | str | ssl.SSLContext, limits: httpx.Limits) -> None:
         self._verify = verify
         self._limits = limits
         # verify=False: this transport only ever carries http:// requests (no TLS at all).
@@ -155,7 +155,7 @@ class _LazyTlsTransport(httpx.AsyncBaseTransport):
 
 
 def make_http_client(config: ScepConfig | None = None, *,
-                     verify: bool | str = True) -> httpx.AsyncClient:
+                     verify: bool | str | ssl.SSLContext = True) -> httpx.AsyncClient:
     """The HTTP client SCEP uses: Windows' User-Agent, scep.timeout, redirects followed
     (WinHTTP follows them), environment proxies honoured, TLS set up only when needed."""
     cfg = config or ScepConfig()
@@ -173,7 +173,7 @@ class ScepClient:
     """An async SCEP client for one ServerURL value (one transaction at a time)."""
 
     def __init__(self, server_url: str, config: ScepConfig | None = None, *,
-                 http: httpx.AsyncClient | None = None, verify: bool | str = True,
+                 http: httpx.AsyncClient | None = None, verify: bool | str | ssl.SSLContext = True,
                  memo: EndpointMemo | None = None) -> None:
         self.config = config or ScepConfig()
         self._memo = memo
@@ -363,7 +363,9 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> DmAgentError:
             return UnreachableError(f"cannot resolve the host of {url}: {cause.strerror}",
                                     hresult=HResult.WINHTTP_NAME_NOT_RESOLVED)
         if isinstance(cause, ssl.SSLError):
-            return UnreachableError(f"TLS with {url} failed: {cause.reason or cause}",
+            why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+                   or str(cause))
+            return UnreachableError(f"TLS with {url} failed: {why}",
                                     hresult=HResult.WINHTTP_SECURE_FAILURE,
                                     advice="check the server certificate and its trust")
         cause = cause.__cause__ or cause.__context__
