@@ -147,6 +147,7 @@ class LabDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path).resolve()
         self._signer: Signer | None = None
+        self._enc_key: bytes | None = None
 
     @property
     def config_path(self) -> Path:
@@ -230,13 +231,15 @@ class LabDir:
             certs += [pki.load_cert(p) for p in sorted(old.glob("*.pem"))]
         return {thumbprint(c): c for c in certs}
 
-    def encryption_key(self) -> bytes | None:
-        if not self.config().challenge.encrypt:
+    def encryption_key(self, cfg: LabConfig | None = None) -> bytes | None:
+        if not (cfg or self.config()).challenge.encrypt:
             return None
-        key = self.encryption_key_path.read_bytes()
-        if len(key) != 32:
-            raise LabConfigError(f"{self.encryption_key_path}: not a 32-byte AES key")
-        return key
+        if self._enc_key is None:
+            key = self.encryption_key_path.read_bytes()
+            if len(key) != 32:
+                raise LabConfigError(f"{self.encryption_key_path}: not a 32-byte AES key")
+            self._enc_key = key
+        return self._enc_key
 
     def server_info(self) -> dict[str, Any] | None:
         try:

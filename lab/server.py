@@ -51,7 +51,9 @@ class Running:
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"the lab serves on loopback only, not {host!r}")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
+    # the listening socket says TCP; with proto 0, Nagle + delayed ACK cost 40 ms per response.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(128)

@@ -370,7 +370,8 @@ class Planner:
         dev = self.state.get_device(device_id)
         expanded = expand_profile(profile, self.cfg.account_id, device_values(device_id, dev))
         now = datetime.fromtimestamp(self.now, UTC)
-        token, claims = issue_challenge(self.lab, self.state, expanded, device_id, now)
+        token, claims = issue_challenge(self.lab, self.state, expanded, device_id, now,
+                                        cfg=self.cfg)
 
         def fill(c: Command) -> Command:
             if isinstance(c, Container):
