@@ -64,7 +64,8 @@ class LabApp:
         if body is None:
             await _respond(send, 413, b"request body too large\n", "text/plain")
             return
-        if path.lower().rstrip("/").startswith(self.mdm_path):
+        lowered = path.lower().rstrip("/")
+        if lowered == self.mdm_path or lowered.startswith(self.mdm_path + "/"):
             await self._mdm(scope, method, path, body, send)
         elif path == "/lab/health":
             await _respond(send, 200, b'{"ok": true}', "application/json")

@@ -223,6 +223,9 @@ def test_bad_syncml_is_refused_with_400(lab: LabServer) -> None:
         r = http.post(lab.url, content=b'<!DOCTYPE x [<!ENTITY a "b">]><SyncML/>')
         assert r.status_code == 400
         assert http.get(lab.url).status_code == 405
+        assert http.post(lab.url + "X", content=b"").status_code == 404
+        # any path under the endpoint is the endpoint (Windows appends to ADDR at times)
+        assert http.post(lab.url + "/sub", content=b"<SyncML/>").status_code == 400
 
 
 def test_control_api_needs_the_token(lab: LabServer) -> None:
