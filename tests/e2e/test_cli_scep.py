@@ -138,6 +138,10 @@ def test_enroll_with_tpm_key(run_cli: Run, scepserver: ScepServerInstance, swtpm
                       "tpm", "--tcti", swtpm.tcti, "--out-key", "/tmp/never.pem",
                       env=CHALLENGE_ENV)
     assert refused.returncode == 1 and "never leaves the TPM" in refused.stderr
+    too_big = run_cli("scep", "enroll", scepserver.url, "--subject", "CN=x", "--keystore",
+                      "tpm", "--tcti", swtpm.tcti, "--key-length", "4096", env=CHALLENGE_ENV)
+    assert too_big.returncode == 1, too_big.stderr  # swtpm refuses RSA-4096: a clean error
+    assert "4096" in too_big.stderr and "internal error" not in too_big.stderr
 
 
 def test_unreachable_exit_code(run_cli: Run) -> None:
