@@ -422,9 +422,9 @@ class Planner:
             code = answers[0][0]
             if code in (200, 404):
                 self.state.delete_delivery(device_id, str(purpose["profile"]))
-            else:
+            else:  # tried again at the next session (round B re-sends unless "removing")
                 self.state.put_delivery(device_id, str(purpose["profile"]), self.now,
-                                        detail=f"Delete answered {code}")
+                                        state="remove-failed", detail=f"Delete answered {code}")
         return []
 
     def _nodecache_changed(self, device_id: str,

@@ -133,3 +133,35 @@ def test_serve_in_the_foreground(run_cli: Cli, tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "lab MDM server  https://127.0.0.1:" in out
     assert lab.server_info() is None  # removed on the way out
+
+
+def test_concurrent_presentations_of_one_challenge_issue_once(run_cli: Cli,
+                                                              tmp_path: Path) -> None:
+    """Validator processes racing on the same challenge (scepserver spawns one per CSR):
+    the conditional UPDATE lets exactly one through."""
+    d = tmp_path / "lab"
+    info = _init(run_cli, d)
+    lab = LabDir(d)
+    with LabState(lab.db_path) as state:
+        profile = find_profile(lab.profiles(), "device-client-auth")
+        assert profile is not None
+        state.assign(profile.id, "device", "dev1")
+        e = expand_profile(profile, lab.config().account_id,
+                           {Var.DEVICE_NAME: "pc1", Var.AAD_DEVICE_ID: "dev1"})
+        token, _ = issue_challenge(lab, state, e, "dev1", datetime.now(UTC))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    csr = build_csr(key, subject=e.subject_pairs, sans=[(int(t), v) for t, v in e.sans],
+                    ekus=profile.ekus, key_usage=profile.key_usage, challenge=token)
+    procs = [subprocess.Popen([info["csr_verifier"]], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(6)]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(csr)
+        p.stdin.close()
+    codes = sorted(p.wait(60) for p in procs)
+    assert codes == [0, 1, 1, 1, 1, 1]
+    with LabState(lab.db_path) as state:
+        rows = state.crs("dev1")
+    assert sorted(r["status"] for r in rows) == ["refused"] * 5 + ["verified"]
+    assert {r["reason"] for r in rows if r["status"] == "refused"} == {"reused"}

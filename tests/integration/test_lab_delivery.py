@@ -212,6 +212,17 @@ def test_unassigned_profile_is_removed(env: Env) -> None:
     assert env.client.device(DEV)["deliveries"] == []
 
 
+def test_failed_removal_is_retried(env: Env) -> None:
+    env.sync()
+    env.client.unassign(DEVICE_PROFILE, device=DEV)
+    env.tree.fail[scep_node("device", env.uid())] = 500
+    env.sync()
+    assert env.delivery()["state"] == "remove-failed"
+    del env.tree.fail[scep_node("device", env.uid())]
+    env.sync()
+    assert env.client.device(DEV)["deliveries"] == []
+
+
 def test_user_profile_waits_for_a_upn_then_goes_to_the_user_scope(env: Env) -> None:
     env.client.assign(USER_PROFILE, group="*")
     env.sync()
