@@ -131,17 +131,30 @@ class TpmInfo:
     ecc_srk: bool
 
 
+# One lock per TPM (TCTI string) for the whole process: key stores are cheap objects made per
+# use, but the TPM behind them is one shared device whose few object slots and single swtpm
+# connection must be used by one operation at a time. Process-wide by nature, hence global.
+_TPM_LOCKS: dict[str, threading.Lock] = {}
+_TPM_LOCKS_GUARD = threading.Lock()
+
+
+def _tpm_lock(tcti: str) -> threading.Lock:
+    with _TPM_LOCKS_GUARD:
+        return _TPM_LOCKS.setdefault(tcti, threading.Lock())
+
+
 class TpmConnection:
     """Per-operation ESAPI contexts to one TCTI, serialised by a lock, errors made precise."""
 
     def __init__(self, tcti: str) -> None:
         self.tcti = tcti
-        self._lock = threading.Lock()
+        self._lock = _tpm_lock(tcti)
         self._ecc_srk: bool | None = None  # which SRK template this TPM takes (cached)
 
     @contextmanager
-    def session(self, what: str) -> Iterator[Any]:
-        """An open ESAPI context; TSS2 errors inside become KeyStoreErrors naming `what`."""
+    def session(self, what: str, *, sweep: bool = True) -> Iterator[Any]:
+        """An open ESAPI context; TSS2 errors inside become KeyStoreErrors naming `what`.
+        `sweep` first flushes transient objects leaked by a dead process."""
         require_tss()
         with self._lock:
             try:
@@ -152,6 +165,8 @@ class TpmConnection:
             try:
                 ectx = ESAPI(tcti)
                 try:
+                    if sweep:
+                        flush_leaked_transients(ectx)
                     yield ectx
                 finally:
                     ectx.close()
@@ -217,13 +232,31 @@ class TpmConnection:
 
     def transient_handles(self) -> int:
         """How many transient objects the TPM holds now (0 when nobody leaks)."""
-        with self.session("TPM2_GetCapability") as ectx:
+        with self.session("TPM2_GetCapability", sweep=False) as ectx:
             _, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
             return int(data.data.handles.count)
 
 
 def flush(ectx: Any, handle: Any) -> None:
     ectx.flush_context(handle)
+
+
+def flush_leaked_transients(ectx: Any) -> int:
+    """Flush transient objects left by a process that died mid-operation (e.g. SIGKILL).
+
+    Every operation here flushes what it loads, so at the start of a session any transient
+    object in the TPM is a leak: without a resource manager (swtpm over a socket) nobody else
+    flushes it, and three leaks exhaust swtpm's object slots (TPM_RC_OBJECT_MEMORY, 0x902) for
+    good. With a resource manager (/dev/tpmrm0, tabrmd) handles are per connection and a new
+    session sees none, so this is a no-op there. Returns how many were flushed.
+    """
+    _, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+    listed = data.data.handles
+    handles = [int(listed.handle[i]) for i in range(int(listed.count))]
+    for tpm_handle in handles:
+        with suppress(TSS2_Exception):
+            ectx.flush_context(ectx.tr_from_tpmpublic(tpm_handle))
+    return len(handles)
 
 
 def _has_alg(ectx: Any, alg: Any) -> bool:

@@ -21,6 +21,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, app: App) -> int:
+    import signal
+
+    # A SIGTERM that lands while we start (before the event loop owns the signals) is a
+    # clean stop too, not a death by signal.
+    def early_stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, early_stop)
     import asyncio
 
     from agent.logsetup import setup_logging

@@ -132,6 +132,39 @@ def test_handles_flushed_after_failures(store: TpmKeyStore) -> None:
     assert store.transient_handles() == 0
 
 
+def test_objects_leaked_by_a_killed_process_are_swept(swtpm_factory: Callable[[], SwtpmInstance],
+                                                     tmp_path: Path) -> None:
+    """A process SIGKILLed mid-operation leaves its transient objects in swtpm (no resource
+    manager flushes them); three such leaks used to exhaust its slots for good (0x902)."""
+    from tpm2_pytss import (
+        ESAPI,
+        ESYS_TR,
+        TPM2B_DATA,
+        TPM2B_PUBLIC,
+        TPM2B_SENSITIVE_CREATE,
+        TPML_PCR_SELECTION,
+    )
+    from tpm2_pytss.TCTILdr import TCTILdr
+
+    from keystores.tpm_session import _srk_template
+
+    tpm = swtpm_factory()
+    tcti = TCTILdr.parse(tpm.tcti)
+    ectx = ESAPI(tcti)
+    for _ in range(3):  # fill every object slot, then vanish without flushing
+        ectx.create_primary(in_sensitive=TPM2B_SENSITIVE_CREATE(),
+                            in_public=TPM2B_PUBLIC(publicArea=_srk_template(True)),
+                            primary_handle=ESYS_TR.RH_OWNER, outside_info=TPM2B_DATA(),
+                            creation_pcr=TPML_PCR_SELECTION())
+    ectx.close()
+    tcti.close()
+    store = TpmKeyStore(tpm.tcti, tmp_path / "keys")
+    assert store.transient_handles() == 3
+    h = store.create(RSA)
+    assert h.sign(b"after the sweep", HashAlg.SHA256)
+    assert store.transient_handles() == 0
+
+
 def test_decrypt_accepts_short_ciphertext(store: TpmKeyStore) -> None:
     """A ciphertext whose encoder dropped leading zero octets is I2OSP-padded back."""
     h = store.create(KeySpec(KeyAlgorithm.RSA, 1024))
