@@ -4,9 +4,10 @@ finished exactly once and no key is left without its certificate.
 
 25 devices x 2 kills = 50 trials (the issue asks for at least 50), each kill drawn from the
 window in which a device's first sync, its two enrollments and the reporting sync happen.
-Each device gets a device profile (TPM key on swtpm) and a user profile (software key) from the lab MDM; the lab SCEP CA
-issues (no challenge check: a challenge consumed by an attempt killed after the CA answered
-would otherwise refuse the retry, which is the CA's policy, not the agent's crash safety).
+Each device gets a device profile (TPM key on swtpm) and a user profile (software key) from
+the lab MDM; the lab SCEP CA issues (no challenge check: a challenge consumed by an attempt
+killed after the CA answered would otherwise refuse the retry, which is the CA's policy, not
+the agent's crash safety).
 """
 
 from __future__ import annotations
