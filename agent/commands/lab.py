@@ -119,8 +119,19 @@ def register(sub: Any) -> None:
     c.add_argument("--after", type=int, default=0, help="only messages after this id")
     add_json_flag(c)
 
-    c = cmd("demo", "the whole chain (agent ↔ lab ↔ SCEP CA) on this machine", run_demo)
-    c.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    c = lsub.add_parser(
+        "demo", help="the whole chain (agent ↔ lab MDM ↔ SCEP CA) on this machine",
+        description="Start swtpm, the lab MDM over HTTPS and micromdm scepserver wired to the "
+                    "lab's challenge validator; assign a device profile (TPM key) and a user "
+                    "profile (software key); run the agent daemon until both certificates are "
+                    "installed and reported; print a summary; stop everything it started. "
+                    "Exit 0 when both enrollments were installed and reported.")
+    c.add_argument("--dir", default="demo-state", metavar="DIR",
+                   help="where the demo keeps its files (re-created; default: ./demo-state)")
+    c.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="give up after S seconds (default 120)")
+    add_json_flag(c)
+    c.set_defaults(func=run_demo)
 
 
 # --- helpers -----------------------------------------------------------------------------------
