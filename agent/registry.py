@@ -10,6 +10,16 @@ Durability: WAL journal with `synchronous=FULL`, so a committed transaction surv
 and an interrupted one leaves nothing behind. Writers take the database lock up front
 (`BEGIN IMMEDIATE`) and wait for each other (busy timeout), so several processes can share a
 store without lost updates. `transaction()` nests through savepoints; a SyncML Atomic is one.
+
+Speed (a DM session runs hundreds of reads and writes per message, for thousands of devices
+per process): inside a transaction the store answers repeated lookups from memory. While this
+connection holds the write lock (`BEGIN IMMEDIATE`) nobody else can change the database, so
+what it read or wrote stays true until the transaction ends; the next transaction keeps the
+cache only when `PRAGMA data_version` shows no other connection committed in between (SQLite:
+"changes committed by any other connection"). A rollback that undid writes, and a subtree
+delete, drop the cache. Savepoints are opened lazily, right before the first write inside
+them: a nested block that only reads has nothing to undo, so it costs no SQL at all.
+Reads outside a transaction always go to SQLite.
 """
 
 from __future__ import annotations
@@ -17,10 +27,11 @@ from __future__ import annotations
 import enum
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Final
 
 from agent.errors import LocalError, NotFoundError
@@ -70,6 +81,11 @@ def fold(name: str) -> str:
     return "".join(u if len(u := c.upper()) == 1 else c for c in name)
 
 
+_NO_BLOCK: Final = nullcontext()
+_UNKNOWN: Final = ("", RegType.REG_NONE, b"")  # a row that is never cached: "not looked up"
+_CACHE_LIMIT: Final = 20000  # entries per cache; beyond it the cache starts over
+
+
 class Registry:
     """One device's registry store. Thread-safe; share one instance per process and device."""
 
@@ -80,9 +96,27 @@ class Registry:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
+        # Savepoints of the open nested blocks, innermost last; the first `_materialized` of
+        # them exist in SQLite (the others had no write yet).
+        self._savepoints: list[str] = []
+        self._materialized = 0
+        self._writes = 0  # write statements issued on this connection, ever
+        # Caches (see the module docstring); valid only while `_cache_live`.
+        self._cache_live = False
+        self._data_version: int | None = None
+        self._key_ids: dict[str, int | None] = {}  # folded key path -> id, None = missing
+        self._rows: dict[tuple[int, str], _Row | None] = {}  # (key id, folded name) -> row
+        self._subkeys: dict[str, list[str]] = {}  # folded key path -> subkey names, sorted
+        # folded key path -> subkey_values() of it
+        self._children_values: dict[str, dict[str, dict[str, RegData]]] = {}
+        self._normalized: dict[str, tuple[str, str]] = {}  # path -> (canonical, folded)
+        self._normalized_sid = current_user_sid
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                      check_same_thread=False)
+        # One cursor for single statements: Connection.execute makes a new cursor per call,
+        # which costs more than the statement itself for SAVEPOINT/RELEASE and key lookups.
+        self._cur = self._conn.cursor()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
@@ -109,6 +143,24 @@ class Registry:
 
     def normalize(self, path: str) -> str:
         """Canonical form `HKLM\\A\\B` (root short name, segments as given, HKCU resolved)."""
+        return self._canon(path)[0]
+
+    def _canon(self, path: str) -> tuple[str, str]:
+        """(canonical path, its folded form), memoized: CSPs build the same few key paths over
+        and over."""
+        if self._normalized_sid != self.current_user_sid:
+            self._normalized.clear()
+            self._normalized_sid = self.current_user_sid
+        hit = self._normalized.get(path)
+        if hit is not None:
+            return hit
+        canon = self._normalize(path)
+        if len(self._normalized) >= _CACHE_LIMIT:
+            self._normalized.clear()
+        result = self._normalized[path] = (canon, fold(canon))
+        return result
+
+    def _normalize(self, path: str) -> str:
         parts = path.strip().strip("\\").split("\\")
         head = parts[0].upper()
         if head in _CURRENT_USER_ALIASES:
@@ -132,41 +184,87 @@ class Registry:
 
     # --- transactions --------------------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> AbstractContextManager[None]:
         """All-or-nothing block; nests through savepoints. Raise `Rollback` to undo quietly."""
-        with self._lock:
-            if self._depth == 0:
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._depth = 1
-                try:
-                    yield
-                except Rollback:
-                    self._conn.execute("ROLLBACK")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
+        return _Transaction(self)
+
+    def _begin(self) -> None:
+        self._cur.execute("BEGIN IMMEDIATE")
+        try:
+            # We hold the write lock now: the cache is good for the whole transaction, and
+            # still good from the last one unless another connection committed since.
+            version = self._cur.execute("PRAGMA data_version").fetchone()[0]
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        if version != self._data_version:
+            self._drop_cache()
+            self._data_version = version
+        self._depth = 1
+        self._cache_live = True
+
+    def _end(self, commit: bool, writes: int) -> None:
+        """Commit or roll back the outermost transaction; the store is idle afterwards."""
+        try:
+            if not commit:
+                self._rollback(writes)
+                return
+            try:
+                self._cur.execute("COMMIT")
+            except BaseException:
+                self._rollback(writes)  # a failed COMMIT leaves the transaction open
+                raise
+        finally:
+            self._depth = 0
+            self._cache_live = False
+            self._savepoints.clear()
+            self._materialized = 0
+
+    def _rollback(self, writes: int) -> None:
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        finally:
+            if self._writes != writes:
+                self._drop_cache()
+
+    def _enter_savepoint(self) -> int:
+        index = len(self._savepoints)
+        self._savepoints.append(f"sp{self._depth}")
+        self._depth += 1
+        return index
+
+    def _exit_savepoint(self, index: int, commit: bool, writes: int) -> None:
+        name = self._savepoints[index]
+        try:
+            if index < self._materialized:  # else nothing was written inside: no SQL at all
+                if commit:
+                    self._cur.execute(f"RELEASE {name}")
                 else:
-                    self._conn.execute("COMMIT")
-                finally:
-                    self._depth = 0
-            else:
-                name = f"sp{self._depth}"
-                self._conn.execute(f"SAVEPOINT {name}")
-                self._depth += 1
-                try:
-                    yield
-                except Rollback:
-                    self._conn.execute(f"ROLLBACK TO {name}")
-                    self._conn.execute(f"RELEASE {name}")
-                except BaseException:
-                    self._conn.execute(f"ROLLBACK TO {name}")
-                    self._conn.execute(f"RELEASE {name}")
-                    raise
-                else:
-                    self._conn.execute(f"RELEASE {name}")
-                finally:
-                    self._depth -= 1
+                    try:
+                        self._cur.execute(f"ROLLBACK TO {name}")
+                        self._cur.execute(f"RELEASE {name}")
+                    finally:
+                        if self._writes != writes:
+                            self._drop_cache()
+        finally:
+            self._depth -= 1
+            del self._savepoints[index:]
+            self._materialized = min(self._materialized, index)
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
+        """Every write statement goes through here: open the pending savepoints first."""
+        self._writes += 1
+        while self._materialized < len(self._savepoints):
+            self._cur.execute(f"SAVEPOINT {self._savepoints[self._materialized]}")
+            self._materialized += 1
+        return self._cur.execute(sql, args)
+
+    def _drop_cache(self) -> None:
+        self._key_ids.clear()
+        self._rows.clear()
+        self._subkeys.clear()
+        self._children_values.clear()
 
     @property
     def in_transaction(self) -> bool:
@@ -176,53 +274,61 @@ class Registry:
 
     def create_key(self, path: str) -> str:
         """Create the key and any missing parents; return its canonical path."""
-        canon = self.normalize(path)
+        canon, lc = self._canon(path)
         with self.transaction():
-            self._ensure_key(canon)
+            self._ensure_key(canon, lc)
         return canon
 
     def key_exists(self, path: str) -> bool:
+        lc = self._canon(path)[1]
         with self._lock:
-            return self._key_id(self.normalize(path)) is not None
+            return self._key_id(lc) is not None
 
     def delete_key(self, path: str) -> bool:
         """Delete the key with its subtree. Roots and hive roots (HKU\\<SID>) stay deletable
         only below. Returns False when the key did not exist."""
-        canon = self.normalize(path)
+        canon, lc = self._canon(path)
         if "\\" not in canon:
             raise LocalError(f"cannot delete the root key {canon}")
-        lc = fold(canon)
-        with self.transaction():
-            cur = self._conn.execute(
+        # One statement (the values go with ON DELETE CASCADE): no savepoint of its own.
+        with self._lock, (_NO_BLOCK if self._depth else self.transaction()):
+            cur = self._write(
                 "DELETE FROM keys WHERE path_lc = ? OR (path_lc > ? AND path_lc < ?)",
                 (lc, lc + "\\", lc + "]"))  # ']' sorts right after '\\': the subtree range
+            if cur.rowcount > 0:
+                # The subtree's key ids (and their cached values) are gone; ids get reused.
+                self._drop_cache()
             return cur.rowcount > 0
 
     def subkeys(self, path: str) -> list[str]:
         """Names of the direct subkeys, in stored case, sorted case-insensitively."""
-        canon = self.normalize(path)
+        canon, lc = self._canon(path)
         with self._lock:
-            self._require_key(canon)
-            rows = self._conn.execute(
-                "SELECT path FROM keys WHERE parent_lc = ? ORDER BY path_lc", (fold(canon),))
-            return [r[0].rsplit("\\", 1)[1] for r in rows]
+            self._require_key(canon, lc)
+            names = self._subkeys.get(lc) if self._cache_live else None
+            if names is None:
+                rows = self._conn.execute(
+                    "SELECT path FROM keys WHERE parent_lc = ? ORDER BY path_lc", (lc,))
+                names = [r[0].rsplit("\\", 1)[1] for r in rows]
+                if self._cache_live:
+                    self._subkeys[lc] = names
+            return list(names)
 
     def key_path(self, path: str) -> str:
         """The stored-case canonical path of an existing key."""
-        canon = self.normalize(path)
+        canon, lc = self._canon(path)
         with self._lock:
             row = self._conn.execute("SELECT path FROM keys WHERE path_lc = ?",
-                                     (fold(canon),)).fetchone()
+                                     (lc,)).fetchone()
         if row is None:
             raise NotFoundError(f"registry key not found: {canon}")
         return str(row[0])
 
     def walk(self, path: str) -> Iterator[tuple[str, list[RegValue]]]:
         """Depth-first (key path, values) for the key and its subtree, children sorted."""
-        canon = self.normalize(path)
-        lc = fold(canon)
+        canon, lc = self._canon(path)
         with self._lock:
-            self._require_key(canon)
+            self._require_key(canon, lc)
             rows = self._conn.execute(
                 "SELECT id, path, path_lc FROM keys WHERE path_lc = ? "
                 "OR (path_lc > ? AND path_lc < ?)", (lc, lc + "\\", lc + "]")).fetchall()
@@ -234,17 +340,34 @@ class Registry:
 
     def set_value(self, path: str, name: str, type_: RegType, data: RegData) -> None:
         """Write a value, creating the key (and its parents) when missing."""
+        if type(type_) is not RegType:
+            type_ = RegType(type_)
         stored = _encode(type_, data)
         if len(name) > MAX_VALUE_NAME:
             raise LocalError(f"value name longer than {MAX_VALUE_NAME} characters")
-        canon = self.normalize(path)
-        with self.transaction():
-            key_id = self._ensure_key(canon)
-            self._conn.execute(
-                'INSERT INTO "values"(key_id, name_lc, name, type, data) VALUES (?, ?, ?, ?, ?) '
-                "ON CONFLICT(key_id, name_lc) DO UPDATE SET name=excluded.name, "
-                "type=excluded.type, data=excluded.data",
-                (key_id, fold(name), name, int(type_), stored))
+        canon, lc = self._canon(path)
+        name_lc = fold(name)
+        with self._lock:
+            if self._depth:
+                key_id = self._key_id(lc)
+                if key_id is not None:
+                    # One statement, atomic by itself: no savepoint of its own needed.
+                    self._upsert(key_id, lc, name_lc, name, type_, stored)
+                    return
+            with self.transaction():  # may create keys: several statements, all or nothing
+                self._upsert(self._ensure_key(canon, lc), lc, name_lc, name, type_, stored)
+
+    def _upsert(self, key_id: int, lc: str, name_lc: str, name: str, type_: RegType,
+                stored: str | int | bytes) -> None:
+        self._write(
+            'INSERT INTO "values"(key_id, name_lc, name, type, data) VALUES (?, ?, ?, ?, ?) '
+            "ON CONFLICT(key_id, name_lc) DO UPDATE SET name=excluded.name, "
+            "type=excluded.type, data=excluded.data",
+            (key_id, name_lc, name, int(type_), stored))
+        if self._cache_live:
+            self._rows[(key_id, name_lc)] = (name, type_, stored)
+            if self._children_values:
+                self._children_values.pop(lc[:lc.rfind("\\")], None)
 
     def set_sz(self, path: str, name: str, data: str) -> None:
         self.set_value(path, name, RegType.REG_SZ, data)
@@ -254,70 +377,171 @@ class Registry:
 
     def get_value(self, path: str, name: str) -> RegValue:
         """The value, or NotFoundError naming the key or the value that is missing."""
-        canon = self.normalize(path)
+        canon, lc = self._canon(path)
         with self._lock:
-            key_id = self._require_key(canon)
-            row = self._conn.execute(
-                'SELECT name, type, data FROM "values" WHERE key_id = ? AND name_lc = ?',
-                (key_id, fold(name))).fetchone()
+            row = self._row(self._require_key(canon, lc), fold(name))
         if row is None:
             raise NotFoundError(f"registry value not found: {canon}\\{name or '(Default)'}")
         return _decode_row(row)
 
     def query(self, path: str, name: str) -> RegData | None:
         """The value's data, or None when the key or value is missing."""
-        try:
-            return self.get_value(path, name).data
-        except NotFoundError:
+        lc = self._canon(path)[1]
+        with self._lock:
+            key_id = self._key_id(lc)
+            row = None if key_id is None else self._row(key_id, fold(name))
+        if row is None:
             return None
+        return _decode_data(row[1], row[2]) if row[1] in _CONVERTED else row[2]
 
     def values(self, path: str) -> list[RegValue]:
-        canon = self.normalize(path)
+        canon, lc = self._canon(path)
         with self._lock:
-            return self._values_of(self._require_key(canon))
+            return self._values_of(self._require_key(canon, lc))
+
+    def subkey_values(self, path: str) -> Mapping[str, Mapping[str, RegData]]:
+        """Every direct subkey (stored-case name, in `subkeys` order) with its values' data by
+        folded value name (`fold("NodeURI")`): one query where a table of small keys (NodeCache
+        nodes, tasks) would take one per value. NotFoundError when the key is missing. The
+        result may be shared with later calls: do not modify it."""
+        canon, lc = self._canon(path)
+        with self._lock:
+            self._require_key(canon, lc)
+            if self._cache_live:
+                hit = self._children_values.get(lc)
+                if hit is not None:
+                    return hit
+            table: dict[str, dict[str, RegData]] = {}
+            for key_path, name_lc, type_num, raw in self._conn.execute(
+                    'SELECT k.path, v.name_lc, v.type, v.data FROM keys k LEFT JOIN "values" v '
+                    "ON v.key_id = k.id WHERE k.parent_lc = ? ORDER BY k.path_lc", (lc,)):
+                values = table.setdefault(key_path.rsplit("\\", 1)[1], {})
+                if name_lc is not None:
+                    values[name_lc] = _decode_data(_TYPES[type_num], raw)
+            if self._cache_live:
+                self._children_values[lc] = table
+            return table
 
     def delete_value(self, path: str, name: str) -> bool:
-        canon = self.normalize(path)
-        with self.transaction():
-            key_id = self._key_id(canon)
+        lc = self._canon(path)[1]
+        name_lc = fold(name)
+        # One statement: atomic by itself, so inside a transaction it needs no savepoint.
+        with self._lock, (_NO_BLOCK if self._depth else self.transaction()):
+            key_id = self._key_id(lc)
             if key_id is None:
                 return False
-            cur = self._conn.execute('DELETE FROM "values" WHERE key_id = ? AND name_lc = ?',
-                                     (key_id, fold(name)))
+            rows = self._rows
+            if self._cache_live and rows.get((key_id, name_lc), _UNKNOWN) is None:
+                return False  # known not to be there: no statement to run
+            cur = self._write('DELETE FROM "values" WHERE key_id = ? AND name_lc = ?',
+                              (key_id, name_lc))
+            if self._cache_live:
+                rows[(key_id, name_lc)] = None
+                self._children_values.pop(lc[:lc.rfind("\\")], None)
             return cur.rowcount > 0
 
     def integrity_check(self) -> str:
         with self._lock:
             return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
 
-    # --- internals ---------------------------------------------------------------------------
+    # --- internals (callers hold the lock) ------------------------------------------------------
 
-    def _key_id(self, canon: str) -> int | None:
-        row = self._conn.execute("SELECT id FROM keys WHERE path_lc = ?",
-                                 (fold(canon),)).fetchone()
-        return None if row is None else int(row[0])
+    def _key_id(self, lc: str) -> int | None:
+        if self._cache_live:
+            try:
+                return self._key_ids[lc]
+            except KeyError:
+                pass
+        row = self._cur.execute("SELECT id FROM keys WHERE path_lc = ?", (lc,)).fetchone()
+        key_id = None if row is None else int(row[0])
+        if self._cache_live:
+            if len(self._key_ids) >= _CACHE_LIMIT:
+                self._drop_cache()
+            self._key_ids[lc] = key_id
+        return key_id
 
-    def _require_key(self, canon: str) -> int:
-        key_id = self._key_id(canon)
+    def _row(self, key_id: int, name_lc: str) -> _Row | None:
+        if self._cache_live:
+            try:
+                return self._rows[(key_id, name_lc)]
+            except KeyError:
+                pass
+        found = self._cur.execute(
+            'SELECT name, type, data FROM "values" WHERE key_id = ? AND name_lc = ?',
+            (key_id, name_lc)).fetchone()
+        row: _Row | None = None if found is None else (found[0], _TYPES[found[1]], found[2])
+        if self._cache_live:
+            if len(self._rows) >= _CACHE_LIMIT:
+                self._drop_cache()
+            self._rows[(key_id, name_lc)] = row
+        return row
+
+    def _require_key(self, canon: str, lc: str) -> int:
+        key_id = self._key_id(lc)
         if key_id is None:
             raise NotFoundError(f"registry key not found: {canon}")
         return key_id
 
-    def _ensure_key(self, canon: str) -> int:
-        key_id = self._key_id(canon)
+    def _ensure_key(self, canon: str, lc: str) -> int:
+        key_id = self._key_id(lc)
         if key_id is not None:
             return key_id
         parent, _, _ = canon.rpartition("\\")
-        self._ensure_key(parent)
-        cur = self._conn.execute("INSERT INTO keys(path_lc, path, parent_lc) VALUES (?, ?, ?)",
-                                 (fold(canon), canon, fold(parent)))
+        parent_lc = lc[:len(parent)]  # folding never changes the length
+        self._ensure_key(parent, parent_lc)
+        cur = self._write("INSERT INTO keys(path_lc, path, parent_lc) VALUES (?, ?, ?)",
+                          (lc, canon, parent_lc))
         assert cur.lastrowid is not None
+        if self._cache_live:
+            self._key_ids[lc] = cur.lastrowid
+            self._subkeys.pop(parent_lc, None)
+            self._children_values.pop(parent_lc, None)
         return cur.lastrowid
 
     def _values_of(self, key_id: int) -> list[RegValue]:
         rows = self._conn.execute(
             'SELECT name, type, data FROM "values" WHERE key_id = ? ORDER BY name_lc', (key_id,))
-        return [_decode_row(r) for r in rows]
+        return [_decode_row((r[0], _TYPES[r[1]], r[2])) for r in rows]
+
+
+class _Transaction:
+    """What `Registry.transaction()` returns: the outermost block is BEGIN IMMEDIATE ...
+    COMMIT, nested ones are (lazy) savepoints. `__exit__` swallows `Rollback` only. A class
+    rather than a generator-based context manager: one is entered per DM command, and this is
+    several times cheaper."""
+
+    __slots__ = ("_index", "_reg", "_writes")
+
+    def __init__(self, reg: Registry) -> None:
+        self._reg = reg
+        self._index = -1
+        self._writes = 0
+
+    def __enter__(self) -> None:
+        reg = self._reg
+        reg._lock.acquire()
+        try:
+            self._writes = reg._writes
+            if reg._depth == 0:
+                reg._begin()
+                self._index = -1
+            else:
+                self._index = reg._enter_savepoint()
+        except BaseException:
+            reg._lock.release()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        reg = self._reg
+        try:
+            if self._index < 0:
+                reg._end(exc_type is None, self._writes)
+            else:
+                reg._exit_savepoint(self._index, exc_type is None, self._writes)
+        finally:
+            reg._lock.release()
+        return exc_type is not None and issubclass(exc_type, Rollback)
 
 
 _SCHEMA = """
@@ -341,10 +565,15 @@ CREATE TABLE IF NOT EXISTS "values" (
 _INT_RANGE = {RegType.REG_DWORD: 0xFFFFFFFF, RegType.REG_QWORD: 0xFFFFFFFFFFFFFFFF}
 
 
+_STRINGS: Final = frozenset({RegType.REG_SZ, RegType.REG_EXPAND_SZ})
+_CONVERTED: Final = frozenset({RegType.REG_MULTI_SZ, RegType.REG_QWORD})  # see _decode_data
+
+
 def _encode(type_: RegType, data: RegData) -> str | int | bytes:
     """Validate data against its type and return what SQLite stores."""
-    type_ = RegType(type_)
-    if type_ in (RegType.REG_SZ, RegType.REG_EXPAND_SZ):
+    if type(type_) is not RegType:
+        type_ = RegType(type_)
+    if type_ in _STRINGS:
         if not isinstance(data, str):
             raise LocalError(f"{type_.name} needs a string, got {type(data).__name__}")
         return data
@@ -371,16 +600,19 @@ def _encode(type_: RegType, data: RegData) -> str | int | bytes:
     raise LocalError(f"unsupported value type {type_!r}")
 
 
-def _decode_row(row: tuple[str, int, str | int | bytes]) -> RegValue:
-    name, type_num, raw = row
-    type_ = RegType(type_num)
-    data: RegData
+_Row = tuple[str, RegType, str | int | bytes]  # (name, type, data as SQLite stores it)
+_TYPES: Final = {int(t): t for t in RegType}
+
+
+def _decode_data(type_: RegType, raw: str | int | bytes) -> RegData:
     if type_ is RegType.REG_MULTI_SZ:
         assert isinstance(raw, str)
-        data = tuple(raw.split("\0")) if raw else ()
-    elif type_ is RegType.REG_QWORD:
+        return tuple(raw.split("\0")) if raw else ()
+    if type_ is RegType.REG_QWORD:
         assert isinstance(raw, int)
-        data = raw & 0xFFFFFFFFFFFFFFFF
-    else:
-        data = raw
-    return RegValue(name, type_, data)
+        return raw & 0xFFFFFFFFFFFFFFFF
+    return raw
+
+
+def _decode_row(row: _Row) -> RegValue:
+    return RegValue(row[0], row[1], _decode_data(row[1], row[2]))

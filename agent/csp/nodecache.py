@@ -39,7 +39,7 @@ from agent.dmtree.csp import (
 )
 from agent.dmtree.errors import DMStatusError, bad_value
 from agent.dmtree.uri import Scope
-from agent.registry import Registry
+from agent.registry import Registry, fold
 from agent.syncml.messages import Format, StatusCode
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 NONEXISTENT: Final = "x-nodemon-nonexistent"
 TYPE_NONEXISTENT: Final = "application/x-nodemon-nonexistent"
 TYPE_SHA256: Final = "application/x-nodemon-sha256"
+# Value names as `Registry.subkey_values` keys them (folded).
+_NODE_URI: Final = fold("NodeURI")
+_EXPECTED: Final = fold("ExpectedValue")
+_EXPECTED_TYPE: Final = fold("ExpectedValueType")
 _VALUE_FORMATS: Final = (Format.CHR, Format.INT, Format.BOOL, Format.B64, Format.XML,
                          Format.FLOAT, Format.DATE, Format.TIME, Format.BIN)
 
@@ -190,16 +194,21 @@ class NodeCacheCSP(CSP):
         self._evaluating = True
         try:
             out: list[tuple[str, str, str | None]] = []
-            for node_id in self.registry.subkeys(nodes):
-                key = f"{nodes}\\{node_id}"
-                uri = self._sz(key, "NodeURI")
-                if not uri:
+            # Every node's values in one read; nodes watching the same URI read it once (the
+            # evaluation only reads, so a value cannot change in between).
+            current_by_uri: dict[str, str | None] = {}
+            for node_id, values in self.registry.subkey_values(nodes).items():
+                uri = values.get(_NODE_URI)
+                if not isinstance(uri, str) or not uri:
                     out.append((node_id, "", None))
                     continue
-                current = self.tree.value_or_none(uri)
-                data = None if current is None else (current.data or "")
-                expected = self.registry.query(key, "ExpectedValue")
-                hashed = self._sz(key, "ExpectedValueType") == "sha256"
+                if uri in current_by_uri:
+                    data = current_by_uri[uri]
+                else:
+                    current = self.tree.value_or_none(uri)
+                    data = current_by_uri[uri] = None if current is None else (current.data or "")
+                expected = values.get(_EXPECTED)
+                hashed = values.get(_EXPECTED_TYPE) == "sha256"
                 if not _matches(data, expected if isinstance(expected, str) else None, hashed):
                     out.append((node_id, uri, data))
             return out

@@ -23,6 +23,7 @@ import enum
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Final
 
 from agent.dmtree.errors import DMStatusError, bad_value, not_allowed, not_found
@@ -81,11 +82,13 @@ class NodeSpec:
     accepts: frozenset[str] = frozenset()  # further Meta Formats accepted on write
     replace_creates: bool = True  # Replace on a missing leaf creates it (ClientCertificateInstall)
 
-    @property
+    # cached_property (computed once per spec, stored in the instance dict, which a frozen
+    # dataclass still has): they are read on every command.
+    @cached_property
     def dynamic(self) -> bool:
         return self.name.startswith("{")
 
-    @property
+    @cached_property
     def is_interior(self) -> bool:
         return self.format == Format.NODE
 
@@ -100,6 +103,10 @@ class NodeSpec:
         return None
 
     def accepted_formats(self) -> frozenset[str]:
+        return self._accepted
+
+    @cached_property
+    def _accepted(self) -> frozenset[str]:
         return self.accepts | {self.format}
 
 
@@ -133,6 +140,11 @@ class Resolved:
 
     def pattern(self) -> tuple[str, ...]:
         """The path with dynamic names replaced by their placeholders, for dispatch tables."""
+        return self._pattern
+
+    @cached_property
+    def _pattern(self) -> tuple[str, ...]:
+        # Resolved objects are memoized per CSP (see CSP.resolve), so this is computed once.
         return tuple(s.name for s in self.chain[1:])
 
 
@@ -166,28 +178,44 @@ INT_MIN: Final = -(2**31)
 INT_MAX: Final = 2**32 - 1
 
 
-def parse_value(spec: NodeSpec, item: ItemValue, where: str) -> Value:
-    """Check the Meta Format against the node and parse Data into the node's type."""
-    if item.format is not None and item.format.strip() and \
-            item.format.strip().lower() not in spec.accepted_formats():
-        raise DMStatusError(StatusCode.UNSUPPORTED_MEDIA_TYPE,
-                            f"{where} has format {spec.format}, not {item.format.strip()}")
+def parse_value(spec: NodeSpec, item: ItemValue, where: str | Callable[[], str]) -> Value:
+    """Check the Meta Format against the node and parse Data into the node's type.
+    `where` names the node in error messages (a callable: only built when needed)."""
+    fmt = item.format
+    if fmt is not None and fmt not in spec._accepted:  # the common case: a valid format
+        fmt = fmt.strip()
+        if fmt and fmt.lower() not in spec._accepted:
+            raise DMStatusError(StatusCode.UNSUPPORTED_MEDIA_TYPE,
+                                f"{_where(where)} has format {spec.format}, not {fmt}")
     text = item.data
-    if spec.format == Format.INT:
+    kind = spec.format
+    if kind == _CHR:
+        return text if text is not None else ""
+    if kind == Format.INT:
         if text is None or not _INT.fullmatch(text.strip()):
-            raise bad_value(where, f"{text!r} is not an integer")
+            raise bad_value(_where(where), f"{text!r} is not an integer")
         number = int(text.strip())
         if not INT_MIN <= number <= INT_MAX:
-            raise bad_value(where, f"{number} is out of the 32-bit range")
+            raise bad_value(_where(where), f"{number} is out of the 32-bit range")
         return number
-    if spec.format == Format.BOOL:
+    if kind == Format.BOOL:
         word = (text or "").strip().lower()
         if word not in ("true", "false"):
-            raise bad_value(where, f"{text!r} is not true or false")
+            raise bad_value(_where(where), f"{text!r} is not true or false")
         return word == "true"
-    if spec.format in (Format.NULL, Format.NODE):
+    if kind in (Format.NULL, Format.NODE):
         return None
     return text if text is not None else ""
+
+
+_CHR: Final = str(Format.CHR)
+
+
+def _where(where: str | Callable[[], str]) -> str:
+    return where if isinstance(where, str) else where()
+
+
+_RESOLVE_CACHE_LIMIT: Final = 1024
 
 
 class CSP:
@@ -212,7 +240,7 @@ class CSP:
     def add(self, path: tuple[str, ...], item: ItemValue) -> None:
         r = self.resolve(path)
         self._require(r, Op.ADD, "Add")
-        value = parse_value(r.spec, item, self.describe(r))
+        value = parse_value(r.spec, item, lambda: self.describe(r))
         if self.exists(r):
             raise DMStatusError(StatusCode.ALREADY_EXISTS, f"{self.describe(r)} already exists")
         if r.spec.is_interior:
@@ -223,7 +251,7 @@ class CSP:
     def replace(self, path: tuple[str, ...], item: ItemValue) -> None:
         r = self.resolve(path)
         self._require(r, Op.REPLACE, "Replace")
-        value = parse_value(r.spec, item, self.describe(r))
+        value = parse_value(r.spec, item, lambda: self.describe(r))
         exists = self.exists(r)
         if not exists and not r.spec.replace_creates:
             raise not_found(self.describe(r))
@@ -248,6 +276,27 @@ class CSP:
     # --- schema ------------------------------------------------------------------------------
 
     def resolve(self, path: tuple[str, ...]) -> Resolved:
+        """Match `path` against the schema (404 for a name the schema has no place for).
+
+        Memoized per CSP instance: the schema does not change and a session asks for the same
+        few paths over and over (a Resolved is immutable). Bounded, as the paths come from
+        the server."""
+        try:
+            cache = self._resolved
+        except AttributeError:
+            cache = self._resolved = {}
+        hit = cache.get(path)
+        if hit is not None:
+            return hit
+        r = self._resolve(path)
+        if len(cache) >= _RESOLVE_CACHE_LIMIT:
+            cache.clear()
+        cache[path] = r
+        return r
+
+    _resolved: dict[tuple[str, ...], Resolved]
+
+    def _resolve(self, path: tuple[str, ...]) -> Resolved:
         spec = self.schema
         chain = [spec]
         dyn: dict[str, str] = {}
@@ -268,7 +317,7 @@ class CSP:
         return "/".join((self.schema.name, *path))
 
     def _require(self, r: Resolved, op: Op, verb: str) -> None:
-        if not (r.spec.access & op):
+        if not (r.spec.access._value_ & op._value_):  # Flag.__and__ is slow in a hot path
             if op is Op.EXEC:
                 raise not_allowed("Exec", f"{self.describe(r)} (not executable)")
             raise not_allowed(verb, self.describe(r))

@@ -20,8 +20,16 @@ Rules (MS "OMA DM protocol support"; OMA-TS-DM_RepPro-V1_2 §6.6, §10):
 - Sequence: the commands run in order; a failure does not stop the later ones (a Sequence
   only orders, it does not make atomic) and the Sequence itself answers 200. Inside an
   Atomic, a failure in the Sequence fails the Atomic.
-- outside Atomic every Item runs in its own transaction: a CSP write that touches several
-  values is all-or-nothing per Item.
+- outside Atomic every Item runs in its own savepoint: a CSP write that touches several
+  values is all-or-nothing per Item, a failing Item undoes only itself.
+
+Transactions and durability: the commands between two top-level Atomics run in one store
+transaction (a savepoint per Item), each top-level Atomic in one of its own, so a message
+costs one commit (one fsync under synchronous=FULL) instead of one per command. Everything is
+committed before `execute` returns, i.e. before the client answers the message: what the
+client reports as done is on disk. Deferred side effects run after that commit. When the
+commit itself fails, nothing of that transaction was applied: its commands that had succeeded
+answer 500 (an Atomic 500 with its commands 216, as when an Atomic's own commit fails).
 """
 
 from __future__ import annotations
@@ -29,15 +37,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from agent.dmtree.csp import ItemValue
 from agent.dmtree.errors import DMStatusError
 from agent.dmtree.tree import DMTree
-from agent.dmtree.uri import parse_uri
 from agent.errors import DmAgentError, NotFoundError
 from agent.registry import Rollback
+from agent.syncml import _build
 from agent.syncml.messages import (
     Alert,
     Cmd,
@@ -74,21 +82,29 @@ class Failure:
     message: str
 
 
-@dataclass
+_OK = int(StatusCode.OK)
+
+
 class _ItemOutcome:
-    target: str
-    code: int
-    result: Item | None = None
+    __slots__ = ("code", "result", "target")
+
+    def __init__(self, target: str, code: int, result: Item | None = None) -> None:
+        self.target = target
+        self.code = code
+        self.result = result
 
 
-@dataclass
 class _Outcome:
-    name: str
-    cmd_ref: str
-    no_resp: bool
-    code: int = StatusCode.OK
-    items: list[_ItemOutcome] = field(default_factory=list)
-    children: list[_Outcome] = field(default_factory=list)
+    # Plain slotted classes: one of each is made per command (a dataclass costs more).
+    __slots__ = ("children", "cmd_ref", "code", "items", "name", "no_resp")
+
+    def __init__(self, name: str, cmd_ref: str, no_resp: bool, code: int = _OK) -> None:
+        self.name = name
+        self.cmd_ref = cmd_ref
+        self.no_resp = no_resp
+        self.code = code
+        self.items: list[_ItemOutcome] = []
+        self.children: list[_Outcome] = []
 
     def ok(self) -> bool:
         return self.code < 300 and all(i.code < 300 for i in self.items) and \
@@ -125,18 +141,74 @@ class TreeExecutor:
         self.store = store
         self.echo_target_refs = echo_target_refs
         self.failures: list[Failure] = []
+        self._metas: dict[tuple[str, str | None], Meta] = {}
 
     def execute(self, commands: Sequence[Command], msg_ref: str) -> list[Status | Results]:
         self.failures = []
         out: list[Status | Results] = []
+        batch: list[Command] = []
         for cmd in commands:
-            out += self._render(self._run(cmd, in_atomic=False), msg_ref, suppress=False)
+            if isinstance(cmd, Container) and cmd.kind is Cmd.ATOMIC:
+                # A top-level Atomic is a transaction of its own: its commit decides exactly
+                # its own fate, not that of the plain commands around it.
+                out += self._run_batch(batch, msg_ref)
+                batch = []
+                outcome = self._run(cmd, in_atomic=False)
+                self.tree.deferred.flush()  # what the Atomic deferred survived its commit
+                out += self._render(outcome, msg_ref, suppress=False)
+            else:
+                batch.append(cmd)
+        out += self._run_batch(batch, msg_ref)
         return out
+
+    def _run_batch(self, commands: list[Command], msg_ref: str) -> list[Status | Results]:
+        """Plain commands (and Sequences) in one store transaction, committed before they are
+        answered."""
+        if not commands:
+            return []
+        deferred = self.tree.deferred
+        mark = deferred.mark()
+        outcomes: list[_Outcome] = []
+        try:
+            with self.store.transaction():
+                for cmd in commands:
+                    outcomes.append(self._run(cmd, in_atomic=False))
+        except Exception as exc:  # the commit failed: nothing of the batch was applied
+            deferred.discard(mark)
+            log.error("commit of %d commands failed: %s", len(commands), exc, exc_info=True)
+            for outcome in outcomes:
+                self._commit_failed(outcome, f"commit failed: {exc}")
+        else:
+            deferred.flush()
+        out: list[Status | Results] = []
+        for outcome in outcomes:
+            out += self._render(outcome, msg_ref, suppress=False)
+        return out
+
+    def _commit_failed(self, outcome: _Outcome, why: str) -> None:
+        """Rewrite what had succeeded in a transaction that did not commit."""
+        if outcome.name == Cmd.ATOMIC:
+            if outcome.code == StatusCode.OK:
+                outcome.mark_rolled_back(StatusCode.ATOMIC_ROLLBACK_OK)
+                outcome.code = StatusCode.COMMAND_FAILED
+                self._fail(outcome, "", StatusCode.COMMAND_FAILED, why)
+            return
+        for item in outcome.items:
+            if item.code in _DONE:
+                item.code = StatusCode.COMMAND_FAILED
+                item.result = None
+                self._fail(outcome, item.target, StatusCode.COMMAND_FAILED, why)
+        for child in outcome.children:
+            self._commit_failed(child, why)
 
     # --- execution ---------------------------------------------------------------------------
 
     def _run(self, cmd: Command, in_atomic: bool) -> _Outcome:
-        outcome = _Outcome(command_name(cmd), _cmd_ref(cmd), bool(getattr(cmd, "no_resp", False)))
+        if type(cmd) is ItemCommand:  # the common case first
+            outcome = _Outcome(_NAMES[cmd.kind], _cmd_ref(cmd), cmd.no_resp)
+        else:
+            outcome = _Outcome(command_name(cmd), _cmd_ref(cmd),
+                               bool(getattr(cmd, "no_resp", False)))
         if not outcome.cmd_ref:
             # MS: "If no CmdID is provided in the DM command, the client returns blank in the
             # status element and the status code 400."
@@ -164,28 +236,32 @@ class TreeExecutor:
         return outcome
 
     def _item_command(self, cmd: ItemCommand, outcome: _Outcome, in_atomic: bool) -> _Outcome:
-        if cmd.kind is Cmd.GET and in_atomic:
+        kind = cmd.kind
+        if kind is _GET and in_atomic:
             return self._refuse(outcome, cmd, StatusCode.COMMAND_FAILED,
                                 "Get is not allowed inside Atomic")
-        if cmd.kind is Cmd.COPY:
+        if kind is _COPY:
             return self._refuse(outcome, cmd, StatusCode.OPTIONAL_FEATURE_NOT_SUPPORTED,
                                 "Copy is not supported")
         if not cmd.items:
             return self._refuse(outcome, cmd, StatusCode.BAD_REQUEST, "no Item")
         for item in cmd.items:
-            outcome.items.append(self._item(cmd, item, outcome, in_atomic))
+            outcome.items.append(self._item(cmd, item, outcome))
         return outcome
 
-    def _item(self, cmd: ItemCommand, item: Item, outcome: _Outcome,
-              in_atomic: bool) -> _ItemOutcome:
+    def _item(self, cmd: ItemCommand, item: Item, outcome: _Outcome) -> _ItemOutcome:
         target = (item.target or "").strip()
-        meta = item.meta or cmd.meta
-        value = ItemValue(item.data, meta.format if meta else None, meta.type if meta else None)
+        kind = cmd.kind
+        value = None
+        if kind is not _GET and kind is not _DELETE:  # what carries data
+            meta = item.meta or cmd.meta
+            value = ItemValue(item.data, meta.format if meta else None,
+                              meta.type if meta else None)
         deferred = self.tree.deferred
-        mark = deferred.mark()
+        mark = len(deferred)
         try:
             with self.store.transaction():
-                result = self._apply(cmd.kind, target, value)
+                result = self._apply(kind, target, value)
         except DMStatusError as exc:
             deferred.discard(mark)
             self._fail(outcome, target, exc.code, exc.message)
@@ -202,27 +278,40 @@ class TreeExecutor:
             self._fail(outcome, target, StatusCode.COMMAND_FAILED,
                        f"{type(exc).__name__}: {exc}")
             return _ItemOutcome(target, StatusCode.COMMAND_FAILED)
-        if not in_atomic:
-            deferred.flush()
-        return _ItemOutcome(target, StatusCode.OK, result)
+        return _ItemOutcome(target, _OK, result)
 
-    def _apply(self, kind: Cmd, target: str, value: ItemValue) -> Item | None:
-        uri = parse_uri(target)
-        if kind is Cmd.GET:
-            node = self.tree.get(uri)
-            return Item(source=uri.raw, meta=Meta(format=node.format, type=node.type),
-                        data=node.data)
-        if kind is Cmd.ADD:
-            self.tree.add(uri, value)
-        elif kind is Cmd.REPLACE:
-            self.tree.replace(uri, value)
-        elif kind is Cmd.DELETE:
-            self.tree.delete(uri)
-        elif kind is Cmd.EXEC:
-            self.tree.exec(uri, value)
+    def _apply(self, kind: Cmd, target: str, value: ItemValue | None) -> Item | None:
+        # `target` is the trimmed LocURI: the tree parses it (and memoizes the parse), and it
+        # is what Results echo as Source.
+        tree = self.tree
+        if kind is _GET:
+            node = tree.get(target)
+            return _build.item(source=target, meta=self._meta(node.format, node.type),
+                               data=node.data)
+        if kind is _DELETE:
+            tree.delete(target)
+            return None
+        assert value is not None
+        if kind is _REPLACE:
+            tree.replace(target, value)
+        elif kind is _ADD:
+            tree.add(target, value)
+        elif kind is _EXEC:
+            tree.exec(target, value)
         else:  # pragma: no cover - ItemCommand kinds are the five above plus Copy
             raise DMStatusError(StatusCode.OPTIONAL_FEATURE_NOT_SUPPORTED, kind.value)
         return None
+
+    def _meta(self, fmt: str, type_: str | None) -> Meta:
+        """Results Meta, shared per (Format, Type): Meta is immutable and a message's Results
+        carry the same few."""
+        key = (fmt, type_)
+        meta = self._metas.get(key)
+        if meta is None:
+            if len(self._metas) >= 64:
+                self._metas.clear()
+            meta = self._metas[key] = Meta(format=fmt, type=type_)
+        return meta
 
     def _atomic(self, cmd: Container, outcome: _Outcome, in_atomic: bool) -> _Outcome:
         if in_atomic:
@@ -259,8 +348,6 @@ class TreeExecutor:
             outcome.mark_rolled_back(StatusCode.ATOMIC_ROLLBACK_OK)
             outcome.code = StatusCode.ATOMIC_FAILED
             self._fail(outcome, "", StatusCode.ATOMIC_FAILED, "a command failed; rolled back")
-        else:
-            deferred.flush()
         return outcome
 
     def _sequence(self, cmd: Container, outcome: _Outcome, in_atomic: bool) -> _Outcome:
@@ -284,35 +371,48 @@ class TreeExecutor:
     def _render(self, outcome: _Outcome, msg_ref: str,
                 suppress: bool) -> list[Status | Results]:
         suppress = suppress or outcome.no_resp
-        out: list[Status | Results] = []
+        items = outcome.items
+        if len(items) == 1 and not outcome.children:  # the common case: one Item
+            only = items[0]
+            out: list[Status | Results] = [] if suppress else [
+                self._status(outcome, msg_ref, only.code, (only.target,))]
+            if only.result is not None:
+                out.append(_build.results(msg_ref, outcome.cmd_ref, (only.result,)))
+            return out
+        out = []
         if not suppress:
-            codes = {i.code for i in outcome.items}
+            codes = {i.code for i in items}
             if len(codes) > 1:  # MS-MDM §2.2.6.1: a Status per Item when codes differ
                 out += [self._status(outcome, msg_ref, i.code, (i.target,))
-                        for i in outcome.items]
+                        for i in items]
             else:
                 code = codes.pop() if codes else outcome.code
                 out.append(self._status(outcome, msg_ref, code,
-                                        tuple(i.target for i in outcome.items)))
-        results = tuple(i.result for i in outcome.items if i.result is not None)
+                                        tuple(i.target for i in items)))
+        results = tuple(i.result for i in items if i.result is not None)
         if results:
-            out.append(Results(cmd_id="", msg_ref=msg_ref, cmd_ref=outcome.cmd_ref,
-                               items=results))
+            out.append(_build.results(msg_ref, outcome.cmd_ref, results))
         for child in outcome.children:
             out += self._render(child, msg_ref, suppress)
         return out
 
     def _status(self, outcome: _Outcome, msg_ref: str, code: int,
                 targets: tuple[str, ...]) -> Status:
-        return Status(cmd_id="", msg_ref=msg_ref, cmd_ref=outcome.cmd_ref, cmd=outcome.name,
-                      data=int(code),
-                      target_refs=tuple(t for t in targets if t) if self.echo_target_refs
-                      else ())
+        # _build: the dataclass constructor, minus the frozen __init__'s cost (see there).
+        return _build.status(msg_ref, outcome.cmd_ref, outcome.name, int(code),
+                             tuple(t for t in targets if t) if self.echo_target_refs else ())
+
+
+_DONE = frozenset({StatusCode.OK, StatusCode.ACCEPTED_FOR_PROCESSING})
+# Enum members as module constants: a class attribute lookup per use adds up per command.
+_GET, _ADD, _REPLACE, _DELETE, _EXEC, _COPY = (Cmd.GET, Cmd.ADD, Cmd.REPLACE, Cmd.DELETE,
+                                               Cmd.EXEC, Cmd.COPY)
+_NAMES: dict[Cmd, str] = {c: c.value for c in Cmd}
 
 
 def _cmd_ref(cmd: Command) -> str:
     cmd_id = getattr(cmd, "cmd_id", None)
-    return cmd_id.strip() if isinstance(cmd_id, str) else ""
+    return cmd_id.strip() if type(cmd_id) is str else ""
 
 
 def _not_executed(cmd: Command) -> _Outcome:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from agent.enrollment import Enrollment
 
 VENDOR_MSFT = ("Vendor", "MSFT")
+_LOCATE_CACHE_LIMIT = 1024
+_Found = tuple[CSP, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,19 @@ class DMTree:
     def __init__(self, mounts: Iterable[Mount] = (), deferred: Deferred | None = None) -> None:
         self.mounts: list[Mount] = list(mounts)
         self.deferred = deferred or Deferred()
+        # LocURI text -> (parsed URI, owning CSP and path below its mount | None above the
+        # mounts | a 404 error): a session names the same nodes over and over (NodeCache
+        # evaluates every cached NodeURI on each ChangedNodes Get). Bounded; reset by mount().
+        self._located: dict[str, tuple[NodeUri, _Found | DMStatusError | None]] = {}
 
     def mount(self, scope: Scope, prefix: Sequence[str], csp: CSP) -> None:
         self.mounts.append(Mount(scope, tuple(prefix), csp))
+        self._located.clear()
 
     # --- operations --------------------------------------------------------------------------
 
     def get(self, uri: NodeUri | str) -> NodeValue:
-        uri = _as_uri(uri)
-        found = self._find(uri)
+        uri, found = self._locate(uri)
         if found is None:
             return NodeValue(Format.NODE, "/".join(encode_segment(c)
                                                    for c in self._synthetic_children(uri)))
@@ -63,19 +69,19 @@ class DMTree:
             return None
 
     def add(self, uri: NodeUri | str, item: ItemValue) -> None:
-        csp, rel = self._require_csp(_as_uri(uri), "Add")
+        csp, rel = self._require_csp(uri, "Add")
         csp.add(rel, item)
 
     def replace(self, uri: NodeUri | str, item: ItemValue) -> None:
-        csp, rel = self._require_csp(_as_uri(uri), "Replace")
+        csp, rel = self._require_csp(uri, "Replace")
         csp.replace(rel, item)
 
     def delete(self, uri: NodeUri | str) -> None:
-        csp, rel = self._require_csp(_as_uri(uri), "Delete")
+        csp, rel = self._require_csp(uri, "Delete")
         csp.delete(rel)
 
     def exec(self, uri: NodeUri | str, item: ItemValue) -> None:
-        csp, rel = self._require_csp(_as_uri(uri), "Exec")
+        csp, rel = self._require_csp(uri, "Exec")
         csp.exec(rel, item)
 
     def children(self, uri: NodeUri | str) -> list[str] | None:
@@ -86,6 +92,27 @@ class DMTree:
         return [_unescape(c) for c in value.data.split("/")] if value.data else []
 
     # --- dispatch ----------------------------------------------------------------------------
+
+    def _locate(self, uri: NodeUri | str) -> tuple[NodeUri, _Found | None]:
+        """The parsed URI and `_find`'s answer, memoized by LocURI text (parse errors are
+        not memoized: they are raised again each time)."""
+        if not isinstance(uri, str):
+            return uri, self._find(uri)
+        hit = self._located.get(uri)
+        if hit is None:
+            parsed = parse_uri(uri)
+            found: _Found | DMStatusError | None
+            try:
+                found = self._find(parsed)
+            except DMStatusError as exc:
+                found = exc
+            if len(self._located) >= _LOCATE_CACHE_LIMIT:
+                self._located.clear()
+            hit = self._located[uri] = (parsed, found)
+        parsed, result = hit
+        if isinstance(result, DMStatusError):
+            raise DMStatusError(result.code, result.message)  # a fresh one: tracebacks differ
+        return parsed, result
 
     def _find(self, uri: NodeUri) -> tuple[CSP, tuple[str, ...]] | None:
         """The CSP owning the node and the path below its mount; None for a level above the
@@ -101,8 +128,8 @@ class DMTree:
             return None
         raise not_found(uri.raw)
 
-    def _require_csp(self, uri: NodeUri, verb: str) -> tuple[CSP, tuple[str, ...]]:
-        found = self._find(uri)
+    def _require_csp(self, uri: NodeUri | str, verb: str) -> tuple[CSP, tuple[str, ...]]:
+        uri, found = self._locate(uri)
         if found is None:
             raise not_allowed(verb, f"{uri.raw} (a permanent interior node)")
         return found
@@ -133,10 +160,6 @@ class DMTree:
                     p[depth] not in names:
                 names.append(p[depth])
         return names
-
-
-def _as_uri(uri: NodeUri | str) -> NodeUri:
-    return uri if isinstance(uri, NodeUri) else parse_uri(uri)
 
 
 def _unescape(segment: str) -> str:
