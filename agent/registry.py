@@ -96,9 +96,9 @@ class Registry:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
-        # Savepoints of the open nested blocks, innermost last; the first `_materialized` of
-        # them exist in SQLite (the others had no write yet).
-        self._savepoints: list[str] = []
+        # Open blocks: the outermost transaction and `_depth - 1` nested ones, the n-th nested
+        # one (from 0) being savepoint `sp{n+1}`. The first `_materialized` of those exist in
+        # SQLite; the others had no write yet.
         self._materialized = 0
         self._writes = 0  # write statements issued on this connection, ever
         # Caches (see the module docstring); valid only while `_cache_live`.
@@ -107,8 +107,8 @@ class Registry:
         self._key_ids: dict[str, int | None] = {}  # folded key path -> id, None = missing
         self._rows: dict[tuple[int, str], _Row | None] = {}  # (key id, folded name) -> row
         self._subkeys: dict[str, list[str]] = {}  # folded key path -> subkey names, sorted
-        # folded key path -> subkey_values() of it
-        self._children_values: dict[str, dict[str, dict[str, RegData]]] = {}
+        # folded key path -> (subkey_values() of it, folded subkey name -> stored name)
+        self._children_values: dict[str, tuple[_Table, dict[str, str]]] = {}
         self._normalized: dict[str, tuple[str, str]] = {}  # path -> (canonical, folded)
         self._normalized_sid = current_user_sid
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -217,7 +217,6 @@ class Registry:
         finally:
             self._depth = 0
             self._cache_live = False
-            self._savepoints.clear()
             self._materialized = 0
 
     def _rollback(self, writes: int) -> None:
@@ -228,35 +227,27 @@ class Registry:
             if self._writes != writes:
                 self._drop_cache()
 
-    def _enter_savepoint(self) -> int:
-        index = len(self._savepoints)
-        self._savepoints.append(f"sp{self._depth}")
-        self._depth += 1
-        return index
-
     def _exit_savepoint(self, index: int, commit: bool, writes: int) -> None:
-        name = self._savepoints[index]
         try:
             if index < self._materialized:  # else nothing was written inside: no SQL at all
-                if commit:
-                    self._cur.execute(f"RELEASE {name}")
-                else:
-                    try:
-                        self._cur.execute(f"ROLLBACK TO {name}")
-                        self._cur.execute(f"RELEASE {name}")
-                    finally:
-                        if self._writes != writes:
-                            self._drop_cache()
+                try:
+                    if commit:
+                        self._cur.execute(_savepoint_sql("RELEASE", index))
+                    else:
+                        self._cur.execute(_savepoint_sql("ROLLBACK TO", index))
+                        self._cur.execute(_savepoint_sql("RELEASE", index))
+                finally:
+                    self._materialized = index
+                    if not commit and self._writes != writes:
+                        self._drop_cache()
         finally:
             self._depth -= 1
-            del self._savepoints[index:]
-            self._materialized = min(self._materialized, index)
 
     def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """Every write statement goes through here: open the pending savepoints first."""
         self._writes += 1
-        while self._materialized < len(self._savepoints):
-            self._cur.execute(f"SAVEPOINT {self._savepoints[self._materialized]}")
+        while self._materialized < self._depth - 1:
+            self._cur.execute(_savepoint_sql("SAVEPOINT", self._materialized))
             self._materialized += 1
         return self._cur.execute(sql, args)
 
@@ -340,9 +331,12 @@ class Registry:
 
     def set_value(self, path: str, name: str, type_: RegType, data: RegData) -> None:
         """Write a value, creating the key (and its parents) when missing."""
-        if type(type_) is not RegType:
-            type_ = RegType(type_)
-        stored = _encode(type_, data)
+        if type_ is _SZ and type(data) is str:  # the common case, valid as it is
+            stored: str | int | bytes = data
+        else:
+            if type(type_) is not RegType:
+                type_ = RegType(type_)
+            stored = _encode(type_, data)
         if len(name) > MAX_VALUE_NAME:
             raise LocalError(f"value name longer than {MAX_VALUE_NAME} characters")
         canon, lc = self._canon(path)
@@ -367,7 +361,8 @@ class Registry:
         if self._cache_live:
             self._rows[(key_id, name_lc)] = (name, type_, stored)
             if self._children_values:
-                self._children_values.pop(lc[:lc.rfind("\\")], None)
+                self._table_changed(lc, name_lc, _decode_data(type_, stored)
+                                    if type_ in _CONVERTED else stored)
 
     def set_sz(self, path: str, name: str, data: str) -> None:
         self.set_value(path, name, RegType.REG_SZ, data)
@@ -410,8 +405,8 @@ class Registry:
             if self._cache_live:
                 hit = self._children_values.get(lc)
                 if hit is not None:
-                    return hit
-            table: dict[str, dict[str, RegData]] = {}
+                    return hit[0]
+            table: _Table = {}
             for key_path, name_lc, type_num, raw in self._conn.execute(
                     'SELECT k.path, v.name_lc, v.type, v.data FROM keys k LEFT JOIN "values" v '
                     "ON v.key_id = k.id WHERE k.parent_lc = ? ORDER BY k.path_lc", (lc,)):
@@ -419,8 +414,29 @@ class Registry:
                 if name_lc is not None:
                     values[name_lc] = _decode_data(_TYPES[type_num], raw)
             if self._cache_live:
-                self._children_values[lc] = table
+                self._children_values[lc] = (table, {fold(n): n for n in table})
             return table
+
+    def _table_changed(self, lc: str, name_lc: str, data: RegData | None) -> None:
+        """A value of key `lc` was written (None: deleted): update the cached subkey_values()
+        of its parent copy-on-write, so a mapping handed out earlier stays as it was."""
+        parent_lc, _, child_lc = lc.rpartition("\\")
+        entry = self._children_values.get(parent_lc)
+        if entry is None:
+            return
+        table, stored_names = entry
+        stored = stored_names.get(child_lc)
+        if stored is None:  # not a subkey the table knows: read it again next time
+            del self._children_values[parent_lc]
+            return
+        values = dict(table[stored])
+        if data is None:
+            values.pop(name_lc, None)
+        else:
+            values[name_lc] = data
+        table = dict(table)
+        table[stored] = values
+        self._children_values[parent_lc] = (table, stored_names)
 
     def delete_value(self, path: str, name: str) -> bool:
         lc = self._canon(path)[1]
@@ -437,7 +453,8 @@ class Registry:
                               (key_id, name_lc))
             if self._cache_live:
                 rows[(key_id, name_lc)] = None
-                self._children_values.pop(lc[:lc.rfind("\\")], None)
+                if self._children_values:
+                    self._table_changed(lc, name_lc, None)
             return cur.rowcount > 0
 
     def integrity_check(self) -> str:
@@ -504,6 +521,15 @@ class Registry:
         return [_decode_row((r[0], _TYPES[r[1]], r[2])) for r in rows]
 
 
+_SAVEPOINT_SQL: Final = {verb: tuple(f"{verb} sp{n + 1}" for n in range(32))
+                          for verb in ("SAVEPOINT", "RELEASE", "ROLLBACK TO")}
+
+
+def _savepoint_sql(verb: str, index: int) -> str:
+    names = _SAVEPOINT_SQL[verb]
+    return names[index] if index < len(names) else f"{verb} sp{index + 1}"
+
+
 class _Transaction:
     """What `Registry.transaction()` returns: the outermost block is BEGIN IMMEDIATE ...
     COMMIT, nested ones are (lazy) savepoints. `__exit__` swallows `Rollback` only. A class
@@ -520,16 +546,17 @@ class _Transaction:
     def __enter__(self) -> None:
         reg = self._reg
         reg._lock.acquire()
+        self._writes = reg._writes
+        if reg._depth:
+            self._index = reg._depth - 1  # a nested block: savepoint sp{index + 1}, lazily
+            reg._depth += 1
+            return
         try:
-            self._writes = reg._writes
-            if reg._depth == 0:
-                reg._begin()
-                self._index = -1
-            else:
-                self._index = reg._enter_savepoint()
+            reg._begin()
         except BaseException:
             reg._lock.release()
             raise
+        self._index = -1
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:
@@ -565,6 +592,7 @@ CREATE TABLE IF NOT EXISTS "values" (
 _INT_RANGE = {RegType.REG_DWORD: 0xFFFFFFFF, RegType.REG_QWORD: 0xFFFFFFFFFFFFFFFF}
 
 
+_SZ: Final = RegType.REG_SZ
 _STRINGS: Final = frozenset({RegType.REG_SZ, RegType.REG_EXPAND_SZ})
 _CONVERTED: Final = frozenset({RegType.REG_MULTI_SZ, RegType.REG_QWORD})  # see _decode_data
 
@@ -601,6 +629,7 @@ def _encode(type_: RegType, data: RegData) -> str | int | bytes:
 
 
 _Row = tuple[str, RegType, str | int | bytes]  # (name, type, data as SQLite stores it)
+_Table = dict[str, dict[str, RegData]]  # what subkey_values() answers
 _TYPES: Final = {int(t): t for t in RegType}
 
 

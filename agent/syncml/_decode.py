@@ -15,6 +15,7 @@ import copy
 
 from lxml import etree
 
+from agent.syncml import _build
 from agent.syncml._text import escape
 from agent.syncml.messages import (
     CONTAINER_COMMANDS,
@@ -112,6 +113,7 @@ _NAMES: dict[object, str] = {
                  "Atomic", "Sequence", "Alert", "Status", "Results")
 }
 _COMMANDS: dict[str, Cmd] = {c.value: c for c in Cmd}
+_ITEM_KINDS: dict[str, Cmd] = {c.value: c for c in ITEM_COMMANDS}
 
 
 def _text(el: etree._Element, what: str) -> str:
@@ -174,9 +176,14 @@ class _Decoder:
             return SyncMLMessage(header, (), final=False)
         body: list[Command] = []
         final = False
+        names = _NAMES
         for child in body_el:
-            local = _NAMES.get(child.tag) or _local(child.tag)
-            if local == "Final":
+            tag = child.tag
+            local = names.get(tag) or _local(tag)
+            kind = _ITEM_KINDS.get(local)
+            if kind is not None:  # the common case, dispatched here rather than in command()
+                body.append(self.item_command(kind, child))
+            elif local == "Final":
                 final = True
             else:
                 body.append(self.command(local, child, 0))
@@ -217,10 +224,13 @@ class _Decoder:
 
     def loc(self, el: etree._Element, what: str) -> tuple[str | None, str | None]:
         uri = name = None
+        names = _NAMES
         for child in el:
-            local = _NAMES.get(child.tag) or _local(child.tag)
-            if local == "LocURI" and uri is None:
-                uri = _text(child, f"{what}/LocURI").strip()  # servers indent LocURIs
+            tag = child.tag
+            local = names.get(tag) or _local(tag)
+            if local == "LocURI":
+                if uri is None:
+                    uri = _text(child, f"{what}/LocURI").strip()  # servers indent LocURIs
             elif local == "LocName" and name is None:
                 name = _text(child, f"{what}/LocName")
         return uri, name
@@ -228,8 +238,10 @@ class _Decoder:
     def meta(self, el: etree._Element) -> Meta:
         fmt = typ = nonce = None
         size = max_msg = max_obj = None
+        names = _NAMES
         for child in el:
-            local = _NAMES.get(child.tag) or _local(child.tag)
+            tag = child.tag
+            local = names.get(tag) or _local(tag)
             if local == "Format":
                 fmt = _text(child, "Meta/Format").strip()
             elif local == "Type":
@@ -247,8 +259,7 @@ class _Decoder:
                 fmt, typ, size = fmt or inner.format, typ or inner.type, size or inner.size
                 nonce = nonce or inner.next_nonce
                 max_msg, max_obj = max_msg or inner.max_msg_size, max_obj or inner.max_obj_size
-        return Meta(format=fmt, type=typ, size=size, max_msg_size=max_msg,
-                    max_obj_size=max_obj, next_nonce=nonce)
+        return _build.meta(fmt, typ, size, max_msg, max_obj, nonce)
 
     def cred(self, el: etree._Element) -> Cred:
         meta = Meta()
@@ -265,23 +276,25 @@ class _Decoder:
         target = source = source_name = data = None
         meta = None
         more = is_xml = False
+        names = _NAMES
         for child in el:
-            local = _NAMES.get(child.tag) or _local(child.tag)
+            tag = child.tag
+            local = names.get(tag) or _local(tag)
             if local == "Target":
                 target, _ = self.loc(child, "Item/Target")
-            elif local == "Source":
-                source, source_name = self.loc(child, "Item/Source")
-            elif local == "Meta":
-                meta = self.meta(child)
             elif local == "Data":
                 if len(child):
                     data, is_xml = _inner_xml(child), True
                 else:
                     data = child.text or ""
+            elif local == "Meta":
+                meta = self.meta(child)
+            elif local == "Source":
+                source, source_name = self.loc(child, "Item/Source")
             elif local == "MoreData":
                 more = True
-        return Item(target=target, source=source, source_name=source_name, meta=meta,
-                    data=data, more_data=more, data_is_xml=is_xml)
+        # _build: the frozen dataclass without its __init__'s cost (a few hundred per message)
+        return _build.item(target, source, meta, data, source_name, more, is_xml)
 
     def command(self, local: str, el: etree._Element, depth: int) -> Command:
         if local in ITEM_COMMANDS:
@@ -309,19 +322,22 @@ class _Decoder:
         items: list[Item] = []
         meta = cred = None
         no_resp = False
+        names = _NAMES
         for child in el:
-            local = _NAMES.get(child.tag) or _local(child.tag)
-            if local == "CmdID" and cmd_id is None:
-                cmd_id = _text(child, "CmdID").strip()
-            elif local == "Item":
+            tag = child.tag
+            local = names.get(tag) or _local(tag)
+            if local == "Item":
                 items.append(self.item(child))
+            elif local == "CmdID":
+                if cmd_id is None:
+                    cmd_id = _text(child, "CmdID").strip()
             elif local == "Meta":
                 meta = self.meta(child)
             elif local == "NoResp":
                 no_resp = True
             elif local == "Cred":
                 cred = self.cred(child)
-        return ItemCommand(kind, cmd_id, tuple(items), meta, no_resp, cred)
+        return _build.item_command(kind, cmd_id, tuple(items), meta, no_resp, cred)
 
     def container(self, kind: Cmd, el: etree._Element, depth: int) -> Container:
         if depth >= self.max_nesting:

@@ -148,9 +148,19 @@ def _metinf(tag: str, value: object) -> str:
     return f'<{tag} xmlns="{METINF_NS}">{escape(str(value))}</{tag}>'
 
 
+_FORMAT_OPEN = f'<Format xmlns="{METINF_NS}">'
+_TYPE_OPEN = f'<Type xmlns="{METINF_NS}">'
+
+
 def _meta(m: Meta) -> str:
     # MetInf DTD order: Format, Type, Mark, Size, Anchor, Version, NextNonce, MaxMsgSize,
     # MaxObjSize (OMA-TS-SyncML_MetaInfo §5).
+    if m.size is None and m.next_nonce is None and m.max_msg_size is None and \
+            m.max_obj_size is None:  # what items carry: Format and/or Type only
+        fmt = "" if m.format is None else f"{_FORMAT_OPEN}{escape(m.format)}</Format>"
+        if m.type is None:
+            return f"<Meta>{fmt}</Meta>"
+        return f"<Meta>{fmt}{_TYPE_OPEN}{escape(m.type)}</Type></Meta>"
     out = ["<Meta>"]
     for tag, value in (("Format", m.format), ("Type", m.type), ("Size", m.size),
                        ("NextNonce", m.next_nonce), ("MaxMsgSize", m.max_msg_size),
@@ -170,6 +180,12 @@ def _chal(c: Chal) -> str:
 
 
 def _item(it: Item) -> str:
+    if it.target is None and it.source_name is None and not it.more_data and \
+            it.source is not None and it.data is not None and not it.data_is_xml:
+        # What Results carry: Source, (Meta,) Data.
+        meta = "" if it.meta is None else _meta(it.meta)
+        return (f"<Item><Source><LocURI>{escape(it.source)}</LocURI></Source>{meta}"
+                f"<Data>{escape(it.data)}</Data></Item>")
     out = ["<Item>"]
     if it.target is not None:
         out.append(_loc("Target", it.target))
@@ -228,6 +244,10 @@ def _unknown(u: UnknownCommand, cid: str | None) -> str:
 
 
 def _status(s: Status, cid: str | None) -> str:
+    if not (s.target_refs or s.source_refs or s.items) and s.chal is None:  # the usual one
+        return (f"<Status>{_cmd_id(s.cmd_id if cid is None else cid)}<MsgRef>"
+                f"{escape(s.msg_ref)}</MsgRef><CmdRef>{escape(s.cmd_ref)}</CmdRef><Cmd>"
+                f"{escape(s.cmd)}</Cmd><Data>{s.data!s}</Data></Status>")
     out = ["<Status>", _cmd_id(s.cmd_id if cid is None else cid), "<MsgRef>",
            escape(s.msg_ref), "</MsgRef><CmdRef>", escape(s.cmd_ref), "</CmdRef><Cmd>",
            escape(s.cmd), "</Cmd>"]
@@ -243,6 +263,11 @@ def _status(s: Status, cid: str | None) -> str:
 
 def _results(r: Results, cid: str | None) -> str:
     # MS-MDM §2.2.7.8: Windows writes <Cmd>Get</Cmd> in Results (the SyncML DTD does not).
+    if r.meta is None and r.target_ref is None and r.source_ref is None and \
+            len(r.items) == 1:  # what a Get answers
+        return (f"<Results>{_cmd_id(r.cmd_id if cid is None else cid)}<MsgRef>"
+                f"{escape(r.msg_ref)}</MsgRef><CmdRef>{escape(r.cmd_ref)}</CmdRef>"
+                f"<Cmd>Get</Cmd>{_item(r.items[0])}</Results>")
     out = ["<Results>", _cmd_id(r.cmd_id if cid is None else cid), "<MsgRef>",
            escape(r.msg_ref), "</MsgRef><CmdRef>", escape(r.cmd_ref), "</CmdRef><Cmd>Get</Cmd>"]
     if r.meta is not None:

@@ -63,6 +63,9 @@ class Outbox:
         then `extra` (Alert 1222), within `budget` bytes when the server set MaxMsgSize."""
         body: list[Outgoing] = [first]
         if budget is None:  # no MaxMsgSize from the server: everything goes
+            if self._chunking is None:  # nothing to finish off: take the queue as it is
+                body += self._queue
+                self._queue.clear()
             while self._queue:
                 body.append(self._take())
             return body + extra

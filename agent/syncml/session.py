@@ -222,8 +222,7 @@ class ClientSession:
             self._server_max_obj = hdr.meta.max_obj_size or self._server_max_obj
         if hdr.resp_uri:
             self._resp_uri = hdr.resp_uri
-        for cmd in msg.body:
-            self._count(cmd)
+        self._count(msg.body)
 
         retry = self._check_header_status(msg)
         if retry is not None:
@@ -260,15 +259,20 @@ class ClientSession:
             extra.append(Alert("", str(int(AlertCode.NEXT_MESSAGE))))
         return self._send_queue(extra)
 
-    def _count(self, cmd: Command) -> None:
-        self.summary.commands_received[command_name(cmd)] += 1
-        if isinstance(cmd, Status):
-            self.summary.statuses_received[cmd.data] += 1
-            if cmd.chal is not None and cmd.chal.meta.next_nonce:
-                self.summary.next_nonce = cmd.chal.meta.next_nonce
-        elif isinstance(cmd, Container):
-            for sub in cmd.commands:
-                self._count(sub)
+    def _count(self, commands: Sequence[Command]) -> None:
+        names: list[str] = []  # counted in one Counter.update: a message has dozens
+        for cmd in commands:
+            if type(cmd) is ItemCommand:
+                names.append(_ITEM_NAMES[cmd.kind])
+                continue
+            names.append(command_name(cmd))
+            if isinstance(cmd, Status):
+                self.summary.statuses_received[cmd.data] += 1
+                if cmd.chal is not None and cmd.chal.meta.next_nonce:
+                    self.summary.next_nonce = cmd.chal.meta.next_nonce
+            elif isinstance(cmd, Container):
+                self._count(cmd.commands)
+        self.summary.commands_received.update(names)
 
     def _check_header_status(self, msg: SyncMLMessage) -> Event | None:
         """Act on the server's Status for our SyncHdr: auth accepted, challenge, refusal."""
@@ -332,7 +336,9 @@ class ClientSession:
 
     def _item_command(self, cmd: ItemCommand, run: list[Command],
                       responses: list[Outgoing]) -> None:
-        if not (self._reassembler.busy or cmd.no_resp or any(i.more_data for i in cmd.items)):
+        items = cmd.items
+        if not (cmd.no_resp or self._reassembler.busy or
+                (items[0].more_data if len(items) == 1 else any(i.more_data for i in items))):
             run.append(cmd)  # the common case: not part of a large object
             return
         result = self._reassembler.feed(cmd)
@@ -365,9 +371,12 @@ class ClientSession:
         if sum(isinstance(o, Status) for o in out) < len(run):
             self.summary.errors.append(f"the DM tree answered {len(out)} responses for "
                                        f"{len(run)} commands")
-        for o in out:
-            responses.append(o if o.msg_ref else dataclasses.replace(
-                o, msg_ref=self._server_msg_id))
+        if all(o.msg_ref for o in out):  # the executor filled them in (it normally does)
+            responses.extend(out)
+        else:
+            for o in out:
+                responses.append(o if o.msg_ref else dataclasses.replace(
+                    o, msg_ref=self._server_msg_id))
         run.clear()
 
     def _alert_status(self, alert: Alert) -> Status:
@@ -461,11 +470,9 @@ class ClientSession:
         s = self.summary
         s.messages_sent += 1
         s.bytes_sent += len(data)
-        for c in body:
-            if isinstance(c, Status):
-                s.statuses_sent[c.data] += 1
-            elif isinstance(c, Results):
-                s.results_sent += 1
+        codes = [c.data for c in body if isinstance(c, Status)]
+        s.statuses_sent.update(codes)  # one Counter.update for the whole message
+        s.results_sent += sum(isinstance(c, Results) for c in body)
         self._state = _State.WAITING
         return SendMessage(data, header.msg_id, self._resp_uri)
 
@@ -487,6 +494,8 @@ class ClientSession:
         self.summary.failure = error
         return SessionFailed(error, self.summary)
 
+
+_ITEM_NAMES: dict[Cmd, str] = {c: c.value for c in Cmd}  # command_name, without enum lookups
 
 # MS-MDM §2.2.7.2 lists these as the supported alert types.
 _ACCEPTED_ALERTS = frozenset({AlertCode.SERVER_INITIATED_MGMT, AlertCode.CLIENT_INITIATED_MGMT,

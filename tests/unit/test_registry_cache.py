@@ -99,9 +99,11 @@ def test_subkey_values_reads_a_table_of_keys_and_follows_writes(reg: Registry) -
     expected = {"1": {"MULTI": ("a", "b")}, "2": {"NODEURI": "./b"}, "3": {}}
     assert reg.subkey_values(base) == expected
     with reg.transaction():
-        assert reg.subkey_values(base) == expected
+        earlier = reg.subkey_values(base)
+        assert earlier == expected
         reg.set_dword(rf"{base}\3", "n", 7)
         assert reg.subkey_values(base)["3"] == {"N": 7}
+        assert earlier == expected  # what was handed out does not change under the caller
         reg.delete_value(rf"{base}\2", "nodeuri")
         assert reg.subkey_values(base)["2"] == {}
         reg.create_key(rf"{base}\0")
