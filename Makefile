@@ -42,7 +42,7 @@ sysdeps:
 $(STAMP): pyproject.toml | sysdeps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[tpm,lab,test,dev]'
+	$(PY) -m pip install -q -e '.[tpm,lab,test,dev]' --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 venv: $(STAMP)

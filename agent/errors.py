@@ -8,7 +8,11 @@ own types. `agent.cli` is the one place that turns any of them into user-facing 
 
 from __future__ import annotations
 
-from agent.diagnostics import HResult
+# HRESULT defaults as literals (names from agent.diagnostics.HResult): importing that table
+# costs ~14 ms, and every CLI start imports this module.
+E_FAIL = 0x80004005
+ERROR_FILE_NOT_FOUND = 0x80070002
+ERROR_BUSY = 0x800700AA
 
 
 class DmAgentError(Exception):
@@ -19,7 +23,7 @@ class DmAgentError(Exception):
     """
 
     exit_code = 1
-    default_hresult: int = HResult.E_FAIL
+    default_hresult: int = E_FAIL
 
     def __init__(self, message: str, *, hresult: int | None = None, advice: str = "") -> None:
         super().__init__(message)
@@ -57,14 +61,14 @@ class NotFoundError(DmAgentError):
     """A registry key, value, node, task or certificate does not exist."""
 
     exit_code = 5
-    default_hresult = HResult.ERROR_FILE_NOT_FOUND
+    default_hresult = ERROR_FILE_NOT_FOUND
 
 
 class StateLockedError(DmAgentError):
     """Another process holds the state directory (e.g. a running daemon)."""
 
     exit_code = 6
-    default_hresult = HResult.ERROR_BUSY
+    default_hresult = ERROR_BUSY
 
 
 class LocalError(DmAgentError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-from importlib import metadata
 from typing import Any
 
 from agent.commands.base import App, add_json_flag
@@ -18,6 +17,8 @@ def register(sub: Any) -> None:
 
 
 def _dist_version(name: str) -> str | None:
+    from importlib import metadata  # ~17 ms: only this command needs it
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
