@@ -49,7 +49,7 @@ exit codes:
 """
 
 # Commands implemented outside agent/commands (the CLI is the composition root).
-COMMAND_MODULES: dict[str, str] = {"run": "service.commands"}
+COMMAND_MODULES: dict[str, str] = {"run": "service.commands", "fleet": "service.fleet"}
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
