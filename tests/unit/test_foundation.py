@@ -176,3 +176,14 @@ def test_derived_device_identity_is_stable() -> None:
     assert d1.user_sid == d2.user_sid and d1.user_sid.startswith("S-1-12-1-")
     other = load_config(None, env={"DMAGENT_DEVICE_DEVICE_ID": "dev-2"}).resolved_device()
     assert other.user_sid != d1.user_sid
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    """packaging/dmagent.example.toml loads, and names every setting (commented or not)."""
+    from agent.config import _schema_keys
+
+    example = Path(__file__).parents[2] / "packaging" / "dmagent.example.toml"
+    load_config(example, env={})
+    text = example.read_text()
+    for dotted in _schema_keys():
+        assert f"{dotted.rsplit('.', 1)[-1]} =" in text, dotted
