@@ -313,6 +313,10 @@ class Certinst:
 
         self.registry.delete_value(req.install_path, CHALLENGE)
         self._drop_task(req)
+        if self.ctx.config.sync.alert_1226:
+            from agent.omadm import ALERT_FLAG
+
+            self.registry.set_dword(req.node_path, ALERT_FLAG, 1)  # sent at the next session
 
     def _drop_task(self, req: CertinstRequest) -> None:
         task = self.find_task(req)

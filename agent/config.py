@@ -97,6 +97,9 @@ class SyncConfig:
     poll_minute_seconds: float = 60.0  # the length of a poll-schedule minute (tests shorten it)
     on_start: bool = True  # sync when the daemon starts (Windows syncs at boot/logon)
     after_enrollment: bool = True  # sync right after an enrollment finishes, to report it
+    # Also report a finished enrollment with a generic Alert 1226 at the next session. Off by
+    # default: Windows' payload for it is undocumented (the Type below is this agent's).
+    alert_1226: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError, DmAgentError, LocalError
 from agent.syncml.auth import AuthScheme, Credentials, decode_nonce
+from agent.syncml.messages import Alert, AlertCode, Item, Meta
 from agent.syncml.session import (
     ClientSession,
     DeviceInfo,
@@ -71,6 +72,7 @@ def session_config(ctx: DeviceContext, enrollment: Enrollment, *, session_id: st
     stored = ctx.registry.query(state_key(enrollment), SERVER_NONCE)
     nonce = decode_nonce(stored) if isinstance(stored, str) else None
     return SessionConfig(
+        extra_alerts=tuple(enrollment_alerts(ctx)) if ctx.config.sync.alert_1226 else (),
         server_url=enrollment.server_url,
         device=DeviceInfo(dev_id=dev.device_id, man=dev.manufacturer, mod=dev.model,
                           lang=dev.language),
@@ -114,4 +116,50 @@ async def run_session(ctx: DeviceContext, enrollment: Enrollment, executor: Exec
     summary.duration_s = clock() - started
     if summary.next_nonce:
         ctx.registry.set_sz(state_key(enrollment), SERVER_NONCE, summary.next_nonce)
+    if config.extra_alerts and summary.failure is None:
+        clear_enrollment_alerts(ctx)  # delivered: the server answered the session
     return summary
+
+
+# --- Alert 1226 after an enrollment (optional, see SyncConfig.alert_1226) ----------------------
+
+ALERT_FLAG = "ReportResultAlert"  # on the SCEP node key, set by certinst when it finishes
+ALERT_TYPE = "com.microsoft:mdm.SCEP.enrollment.result"
+_SCEP_ROOTS = ((r"HKLM\Software\Microsoft\SCEP", "./Device"),
+               (r"HKCU\Software\Microsoft\SCEP", "./User"))
+
+
+def _flagged_nodes(ctx: DeviceContext) -> list[tuple[str, str, str]]:
+    """(node key, scope prefix, UniqueID) of the nodes waiting to report their result."""
+    reg = ctx.registry
+    out = []
+    for root, scope in _SCEP_ROOTS:
+        if not reg.key_exists(root):
+            continue
+        for provider in reg.subkeys(root):
+            for uid in reg.subkeys(f"{root}\\{provider}"):
+                node = f"{root}\\{provider}\\{uid}"
+                if reg.query(node, ALERT_FLAG):
+                    out.append((node, scope, uid))
+    return out
+
+
+def enrollment_alerts(ctx: DeviceContext) -> list[Alert]:
+    """One generic alert per finished enrollment: Source = the node's Enroll, Data = the signed
+    ErrorCode (0 on success), Format int."""
+    from agent.diagnostics import to_signed
+
+    alerts = []
+    for node, scope, uid in _flagged_nodes(ctx):
+        error = ctx.registry.query(node, "ErrorCode")
+        uri = f"{scope}/Vendor/MSFT/ClientCertificateInstall/SCEP/{uid}/Install/Enroll"
+        alerts.append(Alert("", str(int(AlertCode.GENERIC)), (Item(
+            source=uri, meta=Meta(format="int", type=ALERT_TYPE),
+            data=str(to_signed(error if isinstance(error, int) else 0))),)))
+    return alerts
+
+
+def clear_enrollment_alerts(ctx: DeviceContext) -> None:
+    with ctx.registry.transaction():
+        for node, _, _ in _flagged_nodes(ctx):
+            ctx.registry.delete_value(node, ALERT_FLAG)

@@ -103,6 +103,8 @@ class SessionConfig:
     max_obj_size: int = codec.DEFAULT_MAX_BYTES
     decode_limits: codec.DecodeLimits = codec.DEFAULT_LIMITS
     max_messages: int = 1000  # a server that never ends the session is an error
+    # Client alerts for package 1 (e.g. Alert 1226 reporting an asynchronous CSP result).
+    extra_alerts: tuple[Alert, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class ClientSession:
                 Item(source=f"./DevInfo/{name}", meta=chr_meta, data=value)
                 for name, value in (("DevId", dev.dev_id), ("Man", dev.man), ("Mod", dev.mod),
                                     ("DmV", dev.dmv), ("Lang", dev.lang)))),
+            *self.config.extra_alerts,
         ]
         return self._send(body, final=True)
 
