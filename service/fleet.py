@@ -9,16 +9,15 @@ and no task is pending (for load tests and CI), printing a summary (`--json` for
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import time
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.commands.base import App, add_json_flag
-from agent.config import Config
-from agent.device import DeviceContext
+
+if TYPE_CHECKING:  # imported lazily: every `dmagent` start builds this command's parser
+    from agent.config import Config
+    from agent.device import DeviceContext
 
 
 def register(sub: Any) -> None:
@@ -45,6 +44,9 @@ def register(sub: Any) -> None:
 
 def device_config(base: Config, root: Path, prefix: str, index: int,
                   server: str | None) -> Config:
+    import dataclasses
+    import uuid
+
     name = f"{prefix}-{index:05d}"
     device = dataclasses.replace(
         base.device, name=name,
@@ -82,6 +84,9 @@ def device_done(ctx: DeviceContext) -> bool:
 
 
 def run(args: argparse.Namespace, app: App) -> int:
+    import asyncio
+
+    from agent.device import DeviceContext
     from agent.errors import LocalError
     from agent.logsetup import setup_logging
 
@@ -111,6 +116,8 @@ def run(args: argparse.Namespace, app: App) -> int:
 
 
 async def _run_fleet(contexts: list[DeviceContext], args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
     from rich.progress import Progress
 
     from service.daemon import Daemon
