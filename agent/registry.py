@@ -82,8 +82,11 @@ def fold(name: str) -> str:
 
 
 _NO_BLOCK: Final = nullcontext()
+_UPSERT: Final = ('INSERT INTO "values"(key_id, name_lc, name, type, data) VALUES (?, ?, ?, ?, ?) '
+                  "ON CONFLICT(key_id, name_lc) DO UPDATE SET name=excluded.name, "
+                  "type=excluded.type, data=excluded.data")
 _UNKNOWN: Final = ("", RegType.REG_NONE, b"")  # a row that is never cached: "not looked up"
-_CACHE_LIMIT: Final = 20000  # entries per cache; beyond it the cache starts over
+_CACHE_LIMIT: Final = 4096  # entries per cache (per device: fleets run thousands); then over
 
 
 class Registry:
@@ -92,7 +95,7 @@ class Registry:
     def __init__(self, path: Path, *, current_user_sid: str | None = None,
                  busy_timeout: float = 30.0) -> None:
         self.path = path
-        self.current_user_sid = current_user_sid
+        self._current_user_sid = current_user_sid
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
@@ -110,7 +113,7 @@ class Registry:
         # folded key path -> (subkey_values() of it, folded subkey name -> stored name)
         self._children_values: dict[str, tuple[_Table, dict[str, str]]] = {}
         self._normalized: dict[str, tuple[str, str]] = {}  # path -> (canonical, folded)
-        self._normalized_sid = current_user_sid
+        self._folded_names: dict[str, str] = {}  # value name -> fold(name)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                      check_same_thread=False)
@@ -145,12 +148,18 @@ class Registry:
         """Canonical form `HKLM\\A\\B` (root short name, segments as given, HKCU resolved)."""
         return self._canon(path)[0]
 
+    @property
+    def current_user_sid(self) -> str | None:
+        return self._current_user_sid
+
+    @current_user_sid.setter
+    def current_user_sid(self, sid: str | None) -> None:
+        self._current_user_sid = sid
+        self._normalized.clear()  # HKCU paths resolve differently now
+
     def _canon(self, path: str) -> tuple[str, str]:
         """(canonical path, its folded form), memoized: CSPs build the same few key paths over
         and over."""
-        if self._normalized_sid != self.current_user_sid:
-            self._normalized.clear()
-            self._normalized_sid = self.current_user_sid
         hit = self._normalized.get(path)
         if hit is not None:
             return hit
@@ -159,6 +168,15 @@ class Registry:
             self._normalized.clear()
         result = self._normalized[path] = (canon, fold(canon))
         return result
+
+    def _fold_name(self, name: str) -> str:
+        """fold(name) for value names, memoized (a handful of names, read over and over)."""
+        folded = self._folded_names.get(name)
+        if folded is None:
+            if len(self._folded_names) >= _CACHE_LIMIT:
+                self._folded_names.clear()
+            folded = self._folded_names[name] = fold(name)
+        return folded
 
     def _normalize(self, path: str) -> str:
         parts = path.strip().strip("\\").split("\\")
@@ -339,11 +357,13 @@ class Registry:
             stored = _encode(type_, data)
         if len(name) > MAX_VALUE_NAME:
             raise LocalError(f"value name longer than {MAX_VALUE_NAME} characters")
-        canon, lc = self._canon(path)
-        name_lc = fold(name)
+        canon, lc = self._normalized.get(path) or self._canon(path)
+        name_lc = self._fold_name(name)
         with self._lock:
             if self._depth:
-                key_id = self._key_id(lc)
+                key_id = self._key_ids.get(lc) if self._cache_live else None
+                if key_id is None:
+                    key_id = self._key_id(lc)
                 if key_id is not None:
                     # One statement, atomic by itself: no savepoint of its own needed.
                     self._upsert(key_id, lc, name_lc, name, type_, stored)
@@ -353,11 +373,7 @@ class Registry:
 
     def _upsert(self, key_id: int, lc: str, name_lc: str, name: str, type_: RegType,
                 stored: str | int | bytes) -> None:
-        self._write(
-            'INSERT INTO "values"(key_id, name_lc, name, type, data) VALUES (?, ?, ?, ?, ?) '
-            "ON CONFLICT(key_id, name_lc) DO UPDATE SET name=excluded.name, "
-            "type=excluded.type, data=excluded.data",
-            (key_id, name_lc, name, int(type_), stored))
+        self._write(_UPSERT, (key_id, name_lc, name, int(type_), stored))
         if self._cache_live:
             self._rows[(key_id, name_lc)] = (name, type_, stored)
             if self._children_values:
@@ -381,10 +397,21 @@ class Registry:
 
     def query(self, path: str, name: str) -> RegData | None:
         """The value's data, or None when the key or value is missing."""
-        lc = self._canon(path)[1]
+        lc = (self._normalized.get(path) or self._canon(path))[1]
+        name_lc = self._fold_name(name)
         with self._lock:
-            key_id = self._key_id(lc)
-            row = None if key_id is None else self._row(key_id, fold(name))
+            if self._cache_live:  # inline the cache hits: the hottest read of a DM session
+                key_id = self._key_ids.get(lc, -1)
+                if key_id == -1:
+                    key_id = self._key_id(lc)
+                if key_id is None:
+                    return None
+                row = self._rows.get((key_id, name_lc), _UNKNOWN)
+                if row is _UNKNOWN:
+                    row = self._row(key_id, name_lc)
+            else:
+                key_id = self._key_id(lc)
+                row = None if key_id is None else self._row(key_id, name_lc)
         if row is None:
             return None
         return _decode_data(row[1], row[2]) if row[1] in _CONVERTED else row[2]
@@ -440,7 +467,7 @@ class Registry:
 
     def delete_value(self, path: str, name: str) -> bool:
         lc = self._canon(path)[1]
-        name_lc = fold(name)
+        name_lc = self._fold_name(name)
         # One statement: atomic by itself, so inside a transaction it needs no savepoint.
         with self._lock, (_NO_BLOCK if self._depth else self.transaction()):
             key_id = self._key_id(lc)

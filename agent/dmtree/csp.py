@@ -127,7 +127,7 @@ class Resolved:
     chain: tuple[NodeSpec, ...]  # the spec of each path element, root first (len = path + 1)
     vars: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def spec(self) -> NodeSpec:
         return self.chain[-1]
 
@@ -361,6 +361,17 @@ class ReadOnlyCSP(CSP):
     def __init__(self, name: str, values: dict[tuple[str, ...], NodeValue]) -> None:
         self.values = {tuple(k): v for k, v in values.items()}
         self.schema = _schema_from_paths(name, self.values)
+        # The table entries that are leaves of the schema (a path that is also the prefix of
+        # another is an interior node there).
+        self._leaves = {k: v for k, v in self.values.items()
+                        if not any(len(o) > len(k) and o[:len(k)] == k for o in self.values)}
+
+    def get(self, path: tuple[str, ...]) -> NodeValue:
+        # A leaf named exactly as in the table is what the general path would answer too
+        # (every node exists, every leaf is Get-only and reads its table entry): skip it.
+        # Other spellings (names match case-insensitively) and interior nodes go through it.
+        value = self._leaves.get(path)
+        return value if value is not None else super().get(path)
 
     def exists(self, r: Resolved) -> bool:
         return True  # every node in the generated schema exists

@@ -24,8 +24,9 @@ Rules (MS "OMA DM protocol support"; OMA-TS-DM_RepPro-V1_2 §6.6, §10):
   values is all-or-nothing per Item, a failing Item undoes only itself.
 
 Transactions and durability: the commands between two top-level Atomics run in one store
-transaction (a savepoint per Item), each top-level Atomic in one of its own, so a message
-costs one commit (one fsync under synchronous=FULL) instead of one per command. Everything is
+transaction (a savepoint per Item), each top-level Atomic in one of its own, so a message of
+plain commands costs one commit (one fsync under synchronous=FULL), not one per command; an
+Atomic's commit decides only its own fate, as before. Everything is
 committed before `execute` returns, i.e. before the client answers the message: what the
 client reports as done is on disk. Deferred side effects run after that commit. When the
 commit itself fails, nothing of that transaction was applied: its commands that had succeeded
