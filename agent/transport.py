@@ -12,45 +12,32 @@ and timeouts are `UnreachableError` (0x80072Exx/0x80072Fxx), an HTTP error statu
 (wrong Content-Type, too large, cut short) is `PeerError`. Bodies are never logged: they carry
 challenges and certificates.
 
-This and agent/scep/client.py are the only modules that import httpx. One `HttpTransport`
-belongs to one device (its client certificate): fleets create one per device.
+The HTTP plumbing shared with the SCEP client (capped reads, WinHTTP HRESULTs) is in
+`agent.httpio`, the only module that imports httpx. One `HttpTransport` belongs to one device
+(its client certificate): fleets create one per device.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
-import sys
-import types
 import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from agent.config import ServerConfig
-from agent.diagnostics import HResult, hresult_from_http_status
-from agent.errors import ConfigError, DmAgentError, PeerError, UnreachableError
+from agent.diagnostics import HResult
+from agent.errors import ConfigError, PeerError
+from agent.httpio import (
+    Peer,
+    http_status_error,
+    httpx,
+    read_capped,
+    read_snippet,
+    transport_error,
+)
 from agent.syncml.messages import CONTENT_TYPE
-
-
-def _skip_httpx_cli() -> None:
-    """Keep `import httpx` from importing its command-line tool (rich is installed, so httpx
-    would load it: tens of milliseconds of every `dmagent sync` start for nothing)."""
-    if "httpx" in sys.modules or "httpx._main" in sys.modules:
-        return
-    stub = types.ModuleType("httpx._main")
-
-    def main(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("the httpx command-line tool is not loaded inside dmagent")
-
-    stub.main = main  # type: ignore[attr-defined]
-    sys.modules["httpx._main"] = stub
-
-
-_skip_httpx_cli()
-
-import httpx  # noqa: E402 - after the stand-in above
 
 log = logging.getLogger("dmagent.transport")
 
@@ -142,31 +129,20 @@ class HttpTransport:
                                            headers=headers) as resp:
                 status = resp.status_code
                 if not 200 <= status < 300:
-                    raise _http_error(status, url, await _read_some(resp), resp.headers)
-                declared = resp.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise _too_large(url, f"announces {int(declared)} bytes", limit)
-                buf = bytearray()
-                try:
-                    async for chunk in resp.aiter_bytes():
-                        buf += chunk
-                        if len(buf) > limit:
-                            raise _too_large(url, f"sent more than {limit} bytes", limit)
-                except httpx.RemoteProtocolError as exc:
-                    raise PeerError(f"the response from {url} is cut short after {len(buf)} "
-                                    f"bytes ({exc})",
-                                    hresult=HResult.WINHTTP_CONNECTION_ERROR) from None
+                    raise http_status_error(status, url, await read_snippet(resp), MDM_SERVER,
+                                            resp.headers)
+                buf = await read_capped(resp, url, limit, MDM_SERVER)
                 log.debug("POST %s: %d bytes -> HTTP %d, %d bytes", url, len(body), status,
                           len(buf))
                 if buf.strip():
                     _check_content_type(resp.headers.get("content-type", ""), url, bytes(buf))
                 return bytes(buf)
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, url) from None
+            raise transport_error(exc, url, MDM_SERVER) from None
         except OSError as exc:
             # httpcore lets some TLS failures through unwrapped, e.g. TLS 1.3's "certificate
             # required" alert, which arrives with the first read after the handshake.
-            raise _transport_error(exc, url) from None
+            raise transport_error(exc, url, MDM_SERVER) from None
 
 
 def _check_content_type(value: str, url: str, body: bytes) -> None:
@@ -184,90 +160,14 @@ def _check_content_type(value: str, url: str, body: bytes) -> None:
                     advice="check the server URL: it should be the OMA-DM endpoint (ADDR)")
 
 
-async def _read_some(resp: httpx.Response) -> bytes:
-    buf = bytearray()
-    try:
-        async for chunk in resp.aiter_bytes():
-            buf += chunk
-            if len(buf) >= _SNIPPET:
-                break
-    except httpx.HTTPError:
-        pass
-    return bytes(buf[:_SNIPPET])
-
-
-_HTTP_ADVICE = {
-    401: "the server did not accept the device (is the MDM client certificate configured: "
-         "server.client_cert?)",
-    403: "the server refused the device; check its enrollment on the server",
-    404: "check the enrollment's server URL (ADDR)",
-    429: "the server is throttling the device; sync again later",
-}
-
-
-def _http_error(status: int, url: str, snippet: bytes,
-                headers: httpx.Headers) -> UnreachableError:
-    text = snippet.decode("utf-8", "replace").strip().splitlines()
-    detail = f": {text[0][:200]}" if text else ""
-    if 300 <= status < 400 and headers.get("location"):
-        detail = f" to {headers['location']}"
-    if status == 429 and headers.get("retry-after"):
-        detail += f" (Retry-After: {headers['retry-after']})"
-    try:
-        hr = hresult_from_http_status(status)
-    except ValueError:
-        hr = HResult.HTTP_E_STATUS_UNEXPECTED
-    return UnreachableError(f"the MDM server answered HTTP {status} for {url}{detail}",
-                            hresult=hr, advice=_HTTP_ADVICE.get(status, ""))
-
-
-def _too_large(url: str, what: str, limit: int) -> PeerError:
-    return PeerError(f"the response from {url} {what}; the limit is {limit} bytes "
-                     "(server.max_response_bytes)",
-                     hresult=HResult.ERROR_MESSAGE_EXCEEDS_MAX_SIZE,
-                     advice="the client advertises its MaxMsgSize; the server must respect it")
-
-
-def _transport_error(exc: httpx.HTTPError | OSError, url: str) -> DmAgentError:
-    """WinHTTP's view of a transport failure (HRESULT_FROM_WIN32(ERROR_WINHTTP_*))."""
-    if isinstance(exc, httpx.TimeoutException):  # before the causes: a TLS read can time out
-        return UnreachableError(f"{url} did not answer in time ({type(exc).__name__})",
-                                hresult=HResult.WINHTTP_TIMEOUT,
-                                advice="raise server.timeout or check the server")
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, socket.gaierror):
-            return UnreachableError(f"cannot resolve the host of {url}: {cause.strerror}",
-                                    hresult=HResult.WINHTTP_NAME_NOT_RESOLVED)
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return UnreachableError(
-                f"TLS with {url} failed: the server certificate is not trusted "
-                f"({cause.verify_message or cause.reason})",
-                hresult=HResult.WINHTTP_SECURE_FAILURE,
-                advice="put the server's root CA in server.ca_bundle")
-        if isinstance(cause, ssl.SSLError):
-            reason = str(cause.reason or cause)
-            client_side = any(k in reason for k in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
-                                                    "UNKNOWN_CA", "CERTIFICATE_UNKNOWN"))
-            return UnreachableError(
-                f"TLS with {url} failed: {reason}", hresult=HResult.WINHTTP_SECURE_FAILURE,
-                advice="the server refused the client certificate: check server.client_cert "
-                       "and server.client_key" if client_side else
-                "check the server certificate, server.ca_bundle and the client certificate")
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.ConnectError):
-        text = str(exc).lower()
-        if "name or service" in text or "nodename" in text:
-            return UnreachableError(f"cannot resolve the host of {url}: {exc}",
-                                    hresult=HResult.WINHTTP_NAME_NOT_RESOLVED)
-        return UnreachableError(f"cannot connect to {url}: {exc or 'connection refused'}",
-                                hresult=HResult.WINHTTP_CANNOT_CONNECT,
-                                advice="check that the MDM server is running and reachable")
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return ConfigError(f"{url} is not a usable server URL: {exc}",
-                           hresult=HResult.E_INVALIDARG)
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return UnreachableError(f"{url} broke the HTTP protocol: {exc}",
-                                hresult=HResult.WINHTTP_INVALID_SERVER_RESPONSE)
-    return UnreachableError(f"the connection to {url} failed: {exc or type(exc).__name__}",
-                            hresult=HResult.WINHTTP_CONNECTION_ERROR)
+MDM_SERVER = Peer(
+    name="the MDM server", limit_setting="server.max_response_bytes",
+    timeout_setting="server.timeout",
+    too_large_advice="the client advertises its MaxMsgSize; the server must respect it",
+    http_advice={
+        401: "the server did not accept the device (is the MDM client certificate "
+             "configured: server.client_cert?)",
+        403: "the server refused the device; check its enrollment on the server",
+        404: "check the enrollment's server URL (ADDR)",
+        429: "the server is throttling the device; sync again later",
+    })

@@ -21,49 +21,28 @@ from __future__ import annotations
 
 import base64
 import logging
-import socket
 import ssl
-import sys
-import types
 import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
 
 from agent.config import ScepConfig
-from agent.diagnostics import HResult, hresult_from_http_status
+from agent.diagnostics import HResult
 from agent.errors import DmAgentError, PeerError, UnreachableError
+from agent.httpio import (
+    Peer,
+    http_status_error,
+    httpx,
+    read_capped,
+    read_snippet,
+    transport_error,
+)
 from agent.scep.cacerts import CaCertificates, parse_ca_certs
 from agent.scep.capabilities import Capabilities, parse_caps
-
-
-def _skip_httpx_cli() -> None:
-    """Keep `import httpx` from importing httpx's command-line tool.
-
-    httpx/__init__ imports `httpx._main` (the `httpx` console command) whenever rich and click
-    are installed, and rich is one of our dependencies: ~50 ms of every `dmagent scep` start
-    spent on a progress-bar library nothing here calls. A stand-in module with the same `main`
-    name is registered only if httpx has not been imported yet; `httpx.main` then says what
-    happened instead of running.
-    """
-    if "httpx" in sys.modules or "httpx._main" in sys.modules:
-        return
-    stub = types.ModuleType("httpx._main")
-
-    def main(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("the httpx command-line tool is not loaded inside dmagent")
-
-    stub.main = main  # type: ignore[attr-defined]
-    sys.modules["httpx._main"] = stub
-
-
-_skip_httpx_cli()
-
-import httpx  # noqa: E402 - after the stand-in above
 
 log = logging.getLogger("dmagent.scep")
 
 CT_PKI_MESSAGE = "application/x-pki-message"
-_ERROR_SNIPPET = 512  # bytes of an error body kept for the message
 
 
 @dataclass(frozen=True)
@@ -286,40 +265,13 @@ class ScepClient:
                                          headers=headers) as resp:
                 status = resp.status_code
                 if not 200 <= status < 300:
-                    snippet = await _read_some(resp, _ERROR_SNIPPET)
-                    raise _http_error(status, shown, snippet)
-                declared = resp.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > limit:
-                    raise _too_large(shown, f"announces {int(declared)} bytes", limit)
-                buf = bytearray()
-                try:
-                    async for chunk in resp.aiter_bytes():
-                        buf += chunk
-                        if len(buf) > limit:
-                            raise _too_large(shown, f"sent more than {limit} bytes", limit)
-                except httpx.RemoteProtocolError as exc:
-                    raise PeerError(
-                        f"the reply from {shown} is truncated: the connection ended after "
-                        f"{len(buf)} bytes"
-                        + (f" of the {declared} announced" if declared else "")
-                        + f" ({exc})", hresult=HResult.WINHTTP_CONNECTION_ERROR,
-                        advice="the server or a proxy cut the reply short") from None
+                    raise http_status_error(status, shown, await read_snippet(resp),
+                                            SCEP_SERVER)
+                buf = await read_capped(resp, shown, limit, SCEP_SERVER)
                 log.debug("SCEP %s %s -> %d, %d bytes", method, shown, status, len(buf))
                 return bytes(buf), resp.headers.get("content-type", "")
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, shown) from None
-
-
-async def _read_some(resp: httpx.Response, limit: int) -> bytes:
-    buf = bytearray()
-    try:
-        async for chunk in resp.aiter_bytes():
-            buf += chunk
-            if len(buf) >= limit:
-                break
-    except httpx.HTTPError:
-        pass
-    return bytes(buf[:limit])
+            raise transport_error(exc, shown, SCEP_SERVER) from None
 
 
 def _falls_back(exc: UnreachableError) -> bool:
@@ -331,61 +283,14 @@ def _falls_back(exc: UnreachableError) -> bool:
     return True
 
 
-def _http_error(status: int, url: str, snippet: bytes) -> UnreachableError:
-    text = snippet.decode("utf-8", "replace").strip().splitlines()
-    detail = f": {text[0][:200]}" if text else ""
-    try:
-        hr = hresult_from_http_status(status)
-    except ValueError:
-        hr = HResult.HTTP_E_STATUS_UNEXPECTED
-    return UnreachableError(f"the SCEP server answered HTTP {status} for {url}{detail}",
-                            hresult=hr, advice=_HTTP_ADVICE.get(status, ""))
-
-
-_HTTP_ADVICE = {
-    403: "NDES answers 403 on its bare URL; check that ServerURL names the SCEP endpoint",
-    404: "check ServerURL (Windows appends /pkiclient.exe; scep.windows_url_form controls it)",
-    500: "the SCEP server failed; its log says why",
-}
-
-
-def _too_large(url: str, what: str, limit: int) -> PeerError:
-    return PeerError(f"the reply from {url} {what}; the limit is {limit} bytes "
-                     "(scep.max_response_bytes)", hresult=HResult.ERROR_MESSAGE_EXCEEDS_MAX_SIZE,
-                     advice="a SCEP reply is a few kilobytes; check the server URL")
-
-
-def _transport_error(exc: httpx.HTTPError, url: str) -> DmAgentError:
-    """WinHTTP's view of a transport failure (HRESULT_FROM_WIN32(ERROR_WINHTTP_*))."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, socket.gaierror):
-            return UnreachableError(f"cannot resolve the host of {url}: {cause.strerror}",
-                                    hresult=HResult.WINHTTP_NAME_NOT_RESOLVED)
-        if isinstance(cause, ssl.SSLError):
-            why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-                   or str(cause))
-            return UnreachableError(f"TLS with {url} failed: {why}",
-                                    hresult=HResult.WINHTTP_SECURE_FAILURE,
-                                    advice="check the server certificate and its trust")
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.TimeoutException):
-        return UnreachableError(f"{url} did not answer in time ({type(exc).__name__})",
-                                hresult=HResult.WINHTTP_TIMEOUT,
-                                advice="raise scep.timeout or check the server")
-    if isinstance(exc, httpx.ConnectError):
-        if "name or service" in str(exc).lower() or "nodename" in str(exc).lower():
-            return UnreachableError(f"cannot resolve the host of {url}: {exc}",
-                                    hresult=HResult.WINHTTP_NAME_NOT_RESOLVED)
-        return UnreachableError(f"cannot connect to {url}: {exc or 'connection refused'}",
-                                hresult=HResult.WINHTTP_CANNOT_CONNECT)
-    if isinstance(exc, httpx.TooManyRedirects):
-        return UnreachableError(f"{url} redirects too many times",
-                                hresult=HResult.HTTP_E_STATUS_UNEXPECTED_REDIRECTION)
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return PeerError(f"{url} is not a usable URL: {exc}", hresult=HResult.E_INVALIDARG)
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return UnreachableError(f"{url} broke the HTTP protocol: {exc}",
-                                hresult=HResult.WINHTTP_INVALID_SERVER_RESPONSE)
-    return UnreachableError(f"the connection to {url} failed: {exc or type(exc).__name__}",
-                            hresult=HResult.WINHTTP_CONNECTION_ERROR)
+SCEP_SERVER = Peer(
+    name="the SCEP server", limit_setting="scep.max_response_bytes",
+    timeout_setting="scep.timeout",
+    too_large_advice="a SCEP reply is a few kilobytes; check the server URL",
+    bad_url_is_config=False,  # ServerURL comes from the MDM server's profile
+    http_advice={
+        403: "NDES answers 403 on its bare URL; check that ServerURL names the SCEP endpoint",
+        404: "check ServerURL (Windows appends /pkiclient.exe; scep.windows_url_form "
+             "controls it)",
+        500: "the SCEP server failed; its log says why",
+    })

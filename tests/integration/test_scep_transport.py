@@ -70,7 +70,7 @@ def test_untrusted_tls_is_winhttp_secure_failure(tls_proxy: tuple[str, Path]) ->
     with pytest.raises(UnreachableError) as err:
         asyncio.run(enroll(_options(url), CryptoKeyHandle.rsa()))
     assert err.value.hresult == HResult.WINHTTP_SECURE_FAILURE == 0x80072F8F
-    assert "failed: self-signed certificate" in err.value.message
+    assert "server certificate is not trusted (self-signed certificate)" in err.value.message
 
 
 def test_trusted_tls_enrolls(tls_proxy: tuple[str, Path]) -> None:

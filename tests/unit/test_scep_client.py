@@ -10,14 +10,8 @@ import pytest
 
 from agent.diagnostics import HResult
 from agent.errors import PeerError, UnreachableError
-from agent.scep.client import (
-    EndpointMemo,
-    ScepClient,
-    _falls_back,
-    _http_error,
-    _transport_error,
-    endpoints_for,
-)
+from agent.httpio import http_status_error, transport_error
+from agent.scep.client import SCEP_SERVER, EndpointMemo, ScepClient, _falls_back, endpoints_for
 
 
 @pytest.mark.parametrize(("server_url", "windows", "expected"), [
@@ -67,7 +61,8 @@ def test_fallback_rule(hresult: int, falls_back: bool) -> None:
 
 
 def test_http_error_text() -> None:
-    err = _http_error(503, "http://x/scep?operation=GetCACaps", b"Service Unavailable\nmore")
+    err = http_status_error(503, "http://x/scep?operation=GetCACaps",
+                            b"Service Unavailable\nmore", SCEP_SERVER)
     assert err.hresult == 0x801901F7
     assert err.message == ("the SCEP server answered HTTP 503 for "
                            "http://x/scep?operation=GetCACaps: Service Unavailable")
@@ -96,7 +91,7 @@ def _caused(exc: httpx.HTTPError, cause: BaseException) -> httpx.HTTPError:
 ])
 def test_transport_errors_are_winhttp_hresults(exc: httpx.HTTPError, hresult: int,
                                                etype: type) -> None:
-    err = _transport_error(exc, "http://x/scep")
+    err = transport_error(exc, "http://x/scep", SCEP_SERVER)
     assert type(err) is etype
     assert err.hresult == hresult
     assert "http://x/scep" in err.message
