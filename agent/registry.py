@@ -24,17 +24,30 @@ Reads outside a transaction always go to SQLite.
 
 from __future__ import annotations
 
-import enum
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
 from agent.errors import LocalError, NotFoundError
+from agent.regvalues import (
+    CONVERTED,
+    SZ,
+    TYPES,
+    RegData,
+    RegType,
+    RegValue,
+    Row,
+    Table,
+    decode_data,
+    decode_row,
+    encode,
+)
+
+__all__ = ["ROOT_LONG_NAMES", "RegData", "RegType", "RegValue", "Registry", "Rollback", "fold"]
 
 MAX_KEY_NAME: Final = 255
 MAX_VALUE_NAME: Final = 16383
@@ -45,28 +58,6 @@ _ROOT_ALIASES: Final = {
 }
 _CURRENT_USER_ALIASES: Final = ("HKCU", "HKEY_CURRENT_USER")
 ROOT_LONG_NAMES: Final = {"HKLM": "HKEY_LOCAL_MACHINE", "HKU": "HKEY_USERS"}
-
-
-class RegType(enum.IntEnum):
-    """Value types, numbered as in winnt.h."""
-
-    REG_NONE = 0
-    REG_SZ = 1
-    REG_EXPAND_SZ = 2
-    REG_BINARY = 3
-    REG_DWORD = 4
-    REG_MULTI_SZ = 7
-    REG_QWORD = 11
-
-
-RegData = str | int | bytes | tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RegValue:
-    name: str  # "" is the key's default value
-    type: RegType
-    data: RegData
 
 
 class Rollback(Exception):
@@ -108,10 +99,10 @@ class Registry:
         self._cache_live = False
         self._data_version: int | None = None
         self._key_ids: dict[str, int | None] = {}  # folded key path -> id, None = missing
-        self._rows: dict[tuple[int, str], _Row | None] = {}  # (key id, folded name) -> row
+        self._rows: dict[tuple[int, str], Row | None] = {}  # (key id, folded name) -> row
         self._subkeys: dict[str, list[str]] = {}  # folded key path -> subkey names, sorted
         # folded key path -> (subkey_values() of it, folded subkey name -> stored name)
-        self._children_values: dict[str, tuple[_Table, dict[str, str]]] = {}
+        self._children_values: dict[str, tuple[Table, dict[str, str]]] = {}
         self._normalized: dict[str, tuple[str, str]] = {}  # path -> (canonical, folded)
         self._folded_names: dict[str, str] = {}  # value name -> fold(name)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -349,12 +340,12 @@ class Registry:
 
     def set_value(self, path: str, name: str, type_: RegType, data: RegData) -> None:
         """Write a value, creating the key (and its parents) when missing."""
-        if type_ is _SZ and type(data) is str:  # the common case, valid as it is
+        if type_ is SZ and type(data) is str:  # the common case, valid as it is
             stored: str | int | bytes = data
         else:
             if type(type_) is not RegType:
                 type_ = RegType(type_)
-            stored = _encode(type_, data)
+            stored = encode(type_, data)
         if len(name) > MAX_VALUE_NAME:
             raise LocalError(f"value name longer than {MAX_VALUE_NAME} characters")
         canon, lc = self._normalized.get(path) or self._canon(path)
@@ -377,8 +368,8 @@ class Registry:
         if self._cache_live:
             self._rows[(key_id, name_lc)] = (name, type_, stored)
             if self._children_values:
-                self._table_changed(lc, name_lc, _decode_data(type_, stored)
-                                    if type_ in _CONVERTED else stored)
+                self._table_changed(lc, name_lc, decode_data(type_, stored)
+                                    if type_ in CONVERTED else stored)
 
     def set_sz(self, path: str, name: str, data: str) -> None:
         self.set_value(path, name, RegType.REG_SZ, data)
@@ -393,7 +384,7 @@ class Registry:
             row = self._row(self._require_key(canon, lc), fold(name))
         if row is None:
             raise NotFoundError(f"registry value not found: {canon}\\{name or '(Default)'}")
-        return _decode_row(row)
+        return decode_row(row)
 
     def query(self, path: str, name: str) -> RegData | None:
         """The value's data, or None when the key or value is missing."""
@@ -414,7 +405,7 @@ class Registry:
                 row = None if key_id is None else self._row(key_id, name_lc)
         if row is None:
             return None
-        return _decode_data(row[1], row[2]) if row[1] in _CONVERTED else row[2]
+        return decode_data(row[1], row[2]) if row[1] in CONVERTED else row[2]
 
     def values(self, path: str) -> list[RegValue]:
         canon, lc = self._canon(path)
@@ -433,13 +424,13 @@ class Registry:
                 hit = self._children_values.get(lc)
                 if hit is not None:
                     return hit[0]
-            table: _Table = {}
+            table: Table = {}
             for key_path, name_lc, type_num, raw in self._conn.execute(
                     'SELECT k.path, v.name_lc, v.type, v.data FROM keys k LEFT JOIN "values" v '
                     "ON v.key_id = k.id WHERE k.parent_lc = ? ORDER BY k.path_lc", (lc,)):
                 values = table.setdefault(key_path.rsplit("\\", 1)[1], {})
                 if name_lc is not None:
-                    values[name_lc] = _decode_data(_TYPES[type_num], raw)
+                    values[name_lc] = decode_data(TYPES[type_num], raw)
             if self._cache_live:
                 self._children_values[lc] = (table, {fold(n): n for n in table})
             return table
@@ -504,7 +495,7 @@ class Registry:
             self._key_ids[lc] = key_id
         return key_id
 
-    def _row(self, key_id: int, name_lc: str) -> _Row | None:
+    def _row(self, key_id: int, name_lc: str) -> Row | None:
         if self._cache_live:
             try:
                 return self._rows[(key_id, name_lc)]
@@ -513,7 +504,7 @@ class Registry:
         found = self._cur.execute(
             'SELECT name, type, data FROM "values" WHERE key_id = ? AND name_lc = ?',
             (key_id, name_lc)).fetchone()
-        row: _Row | None = None if found is None else (found[0], _TYPES[found[1]], found[2])
+        row: Row | None = None if found is None else (found[0], TYPES[found[1]], found[2])
         if self._cache_live:
             if len(self._rows) >= _CACHE_LIMIT:
                 self._drop_cache()
@@ -545,7 +536,7 @@ class Registry:
     def _values_of(self, key_id: int) -> list[RegValue]:
         rows = self._conn.execute(
             'SELECT name, type, data FROM "values" WHERE key_id = ? ORDER BY name_lc', (key_id,))
-        return [_decode_row((r[0], _TYPES[r[1]], r[2])) for r in rows]
+        return [decode_row((r[0], TYPES[r[1]], r[2])) for r in rows]
 
 
 _SAVEPOINT_SQL: Final = {verb: tuple(f"{verb} sp{n + 1}" for n in range(32))
@@ -615,60 +606,3 @@ CREATE TABLE IF NOT EXISTS "values" (
     PRIMARY KEY (key_id, name_lc)
 ) WITHOUT ROWID;
 """
-
-_INT_RANGE = {RegType.REG_DWORD: 0xFFFFFFFF, RegType.REG_QWORD: 0xFFFFFFFFFFFFFFFF}
-
-
-_SZ: Final = RegType.REG_SZ
-_STRINGS: Final = frozenset({RegType.REG_SZ, RegType.REG_EXPAND_SZ})
-_CONVERTED: Final = frozenset({RegType.REG_MULTI_SZ, RegType.REG_QWORD})  # see _decode_data
-
-
-def _encode(type_: RegType, data: RegData) -> str | int | bytes:
-    """Validate data against its type and return what SQLite stores."""
-    if type(type_) is not RegType:
-        type_ = RegType(type_)
-    if type_ in _STRINGS:
-        if not isinstance(data, str):
-            raise LocalError(f"{type_.name} needs a string, got {type(data).__name__}")
-        return data
-    if type_ in _INT_RANGE:
-        if not isinstance(data, int) or isinstance(data, bool):
-            raise LocalError(f"{type_.name} needs an integer, got {type(data).__name__}")
-        limit = _INT_RANGE[type_]
-        if not -(limit // 2 + 1) <= data <= limit:
-            raise LocalError(f"{data} does not fit in {type_.name}")
-        data &= limit  # negative (signed) input is stored as its two's complement
-        if type_ is RegType.REG_QWORD and data >= 2**63:
-            return data - 2**64  # SQLite integers are signed 64-bit; _decode_row undoes this
-        return data
-    if type_ in (RegType.REG_BINARY, RegType.REG_NONE):
-        if not isinstance(data, bytes | bytearray):
-            raise LocalError(f"{type_.name} needs bytes, got {type(data).__name__}")
-        return bytes(data)
-    if type_ is RegType.REG_MULTI_SZ:
-        if isinstance(data, str) or not isinstance(data, tuple | list):
-            raise LocalError("REG_MULTI_SZ needs a sequence of strings")
-        if not all(isinstance(s, str) and s and "\0" not in s for s in data):
-            raise LocalError("REG_MULTI_SZ entries must be non-empty strings without NUL")
-        return "\0".join(data)
-    raise LocalError(f"unsupported value type {type_!r}")
-
-
-_Row = tuple[str, RegType, str | int | bytes]  # (name, type, data as SQLite stores it)
-_Table = dict[str, dict[str, RegData]]  # what subkey_values() answers
-_TYPES: Final = {int(t): t for t in RegType}
-
-
-def _decode_data(type_: RegType, raw: str | int | bytes) -> RegData:
-    if type_ is RegType.REG_MULTI_SZ:
-        assert isinstance(raw, str)
-        return tuple(raw.split("\0")) if raw else ()
-    if type_ is RegType.REG_QWORD:
-        assert isinstance(raw, int)
-        return raw & 0xFFFFFFFFFFFFFFFF
-    return raw
-
-
-def _decode_row(row: _Row) -> RegValue:
-    return RegValue(row[0], row[1], _decode_data(row[1], row[2]))
