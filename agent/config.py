@@ -126,13 +126,17 @@ class Config:
     def keys_dir(self) -> Path:
         return self.state_dir / "keys"
 
-    def resolved_device(self) -> DeviceConfig:
-        """DeviceConfig with the derived defaults filled in."""
+    def resolved_device(self, stored_id: str = "", stored_sid: str = "",
+                        stored_name: str = "") -> DeviceConfig:
+        """DeviceConfig with the gaps filled: what the configuration says wins, then what the
+        device's store remembers (`stored_*`), then values derived from the machine."""
         d = self.device
-        device_id = d.device_id or _machine_device_id()
+        device_id = d.device_id or stored_id or _machine_device_id()
+        sid = d.user_sid or (stored_sid if device_id == stored_id else "") or \
+            derived_user_sid(device_id)
         return dataclasses.replace(
-            d, device_id=device_id, name=d.name or socket.gethostname(),
-            user_sid=d.user_sid or derived_user_sid(device_id))
+            d, device_id=device_id, name=d.name or stored_name or socket.gethostname(),
+            user_sid=sid)
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")

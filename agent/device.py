@@ -19,19 +19,46 @@ if TYPE_CHECKING:
     from keystores.base import KeyStore
 
 
+# Where the device remembers who it is, so the state dir keeps its identity whatever
+# environment opens it later (Windows keeps its MDM device id under MDMDeviceID too).
+IDENTITY_KEY = r"HKLM\SOFTWARE\Microsoft\Provisioning\OMADM\MDMDeviceID"
+
+
 class DeviceContext:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._device: DeviceConfig | None = None
 
-    @cached_property
+    @property
     def device(self) -> DeviceConfig:
-        return self.config.resolved_device()
+        if self._device is None:
+            _ = self.registry  # opening the store resolves the identity
+        assert self._device is not None
+        return self._device
 
     @cached_property
     def registry(self) -> Registry:
         from agent.registry import Registry
 
-        return Registry(self.config.registry_path, current_user_sid=self.device.user_sid)
+        reg = Registry(self.config.registry_path)
+        self._device = self._identity(reg)
+        reg.current_user_sid = self._device.user_sid
+        return reg
+
+    def _identity(self, reg: Registry) -> DeviceConfig:
+        def stored(name: str) -> str:
+            value = reg.query(IDENTITY_KEY, name)
+            return value if isinstance(value, str) else ""
+
+        before = (stored("DeviceClientId"), stored("UserSid"), stored("DeviceName"))
+        device = self.config.resolved_device(*before)
+        after = (device.device_id, device.user_sid, device.name)
+        if after != before:
+            with reg.transaction():
+                for name, value in zip(("DeviceClientId", "UserSid", "DeviceName"), after,
+                                       strict=True):
+                    reg.set_sz(IDENTITY_KEY, name, value)
+        return device
 
     @cached_property
     def sealer(self) -> Sealer:

@@ -187,3 +187,26 @@ def test_example_config_is_valid_and_complete() -> None:
     text = example.read_text()
     for dotted in _schema_keys():
         assert f"{dotted.rsplit('.', 1)[-1]} =" in text, dotted
+
+
+def test_a_state_dir_keeps_its_identity(tmp_path: Path) -> None:
+    """Opened later without the environment that created it (e.g. `dmagent --state-dir X
+    status`), a device is still the same device: same DevId, same user SID, same HKCU."""
+    from agent.device import DeviceContext
+
+    first = DeviceContext(load_config(None, env={"DMAGENT_STATE_DIR": str(tmp_path),
+                                                 "DMAGENT_DEVICE_DEVICE_ID": "dev-A",
+                                                 "DMAGENT_DEVICE_NAME": "laptop-a"}))
+    first.registry.set_sz(r"HKCU\Software\Probe", "v", "user hive")
+    ident = first.device
+    first.close()
+    later = DeviceContext(load_config(None, env={"DMAGENT_STATE_DIR": str(tmp_path)}))
+    assert (later.device.device_id, later.device.user_sid, later.device.name) == (
+        "dev-A", ident.user_sid, "laptop-a")
+    assert later.registry.query(r"HKCU\Software\Probe", "v") == "user hive"
+    later.close()
+    # An explicit setting still wins (and becomes what the store remembers).
+    moved = DeviceContext(load_config(None, env={"DMAGENT_STATE_DIR": str(tmp_path),
+                                                 "DMAGENT_DEVICE_DEVICE_ID": "dev-B"}))
+    assert moved.device.device_id == "dev-B" and moved.device.user_sid != ident.user_sid
+    moved.close()
