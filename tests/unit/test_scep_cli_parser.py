@@ -1,0 +1,58 @@
+"""`dmagent scep ...` builds only the scep parser (start-up cost), and the lean parser never
+changes what argparse decides: help lists every command, a wrong guess re-parses in full."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from agent import cli
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["scep", "enroll", "http://x/scep"], "scep"),
+    (["-v", "scep"], "scep"),
+    (["-vv", "--state-dir", "scep", "tree"], "tree"),  # the option's value is not the command
+    (["--config", "sync", "scep"], "scep"),
+    (["--conf", "sync", "scep"], "scep"),  # argparse accepts unambiguous long prefixes
+    (["--state", "sync", "scep"], "scep"),
+    (["--config=sync", "reg"], "reg"),
+    (["-csync", "reg"], "reg"),  # -cFILE
+    (["-c", "sync", "reg"], "reg"),
+    (["-vc", "sync", "status"], "status"),  # -v then -c FILE
+    (["-h", "scep"], None),  # top-level help: build everything so it lists all commands
+    (["--he", "scep"], None),
+    (["--version"], None),
+    (["bogus", "scep"], None),  # argparse's "invalid choice" comes from the full parser
+    ([], None),
+    (["--", "scep"], None),
+])
+def test_chosen_command(argv: list[str], expected: str | None) -> None:
+    assert cli.chosen_command(argv) == expected
+
+
+def test_only_the_chosen_command_module_is_imported() -> None:
+    code = ("import sys; from agent import cli; cli.build_parser(['scep', 'enroll']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('agent.commands.', "
+            "'service.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.strip()
+    assert out == "['agent.commands.base', 'agent.commands.scep']"
+
+
+def test_help_lists_every_command_either_way() -> None:
+    full = cli.build_parser().format_help()
+    lean = cli.build_parser(["scep"]).format_help()
+    for name in cli.COMMANDS:
+        assert f"    {name} " in full
+        assert f"    {name} " in lean
+
+
+def test_a_wrong_guess_is_parsed_again_in_full(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "chosen_command", lambda argv: "sync")  # guess wrong on purpose
+    assert cli.main(["error", "0x80190194"]) == 0
+    assert "HTTP_E_STATUS_NOT_FOUND" in capsys.readouterr().out
