@@ -1,6 +1,12 @@
 """What both HTTP shells (the OMA-DM transport and the SCEP client) share: a lean `httpx`
 import, bodies read with a cap, and HTTP/transport failures turned into the HRESULTs WinHTTP
 reports. Each shell says who its peer is and which setting caps it; the wording follows.
+
+`BlockingHttp` (at the end) is a third, small shell: HTTP/1.1 on the standard library's
+http.client for one-shot commands that send one request after another (`dmagent scep ...`).
+It reports failures through the same helpers, hence with the same HRESULTs and wording.
+httpx is imported on first use (`from agent.httpio import httpx`, or a helper given an httpx
+object), not with this module, so such a command never loads httpx, httpcore and anyio.
 """
 
 from __future__ import annotations
@@ -10,9 +16,13 @@ import ssl
 import sys
 import types
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from agent.diagnostics import HResult, hresult_from_http_status
 from agent.errors import ConfigError, DmAgentError, PeerError, UnreachableError
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def _skip_httpx_cli() -> None:
@@ -34,12 +44,24 @@ def _skip_httpx_cli() -> None:
     sys.modules["httpx._main"] = stub
 
 
-_skip_httpx_cli()
+def _httpx() -> types.ModuleType:
+    """httpx, imported without its command-line tool (once; later calls are a dict lookup)."""
+    if "httpx" not in sys.modules:
+        _skip_httpx_cli()
+    import httpx
 
-import httpx  # noqa: E402 - after the stand-in above
+    return httpx
 
-__all__ = ["SNIPPET", "Peer", "http_status_error", "httpx", "read_capped", "read_snippet",
-           "too_large", "transport_error"]
+
+def __getattr__(name: str) -> Any:
+    """`from agent.httpio import httpx` imports httpx (lean) at that point (PEP 562)."""
+    if name == "httpx":
+        return _httpx()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["SNIPPET", "Peer", "bad_url", "http_status_error", "httpx", "read_capped",
+           "read_snippet", "too_large", "too_many_redirects", "transport_error", "truncated"]
 
 SNIPPET = 512  # bytes of an error body kept for the message
 
@@ -58,6 +80,7 @@ class Peer:
 
 async def read_snippet(resp: httpx.Response, limit: int = SNIPPET) -> bytes:
     """The start of an error body, for the message (errors while reading are ignored)."""
+    httpx = _httpx()
     buf = bytearray()
     try:
         async for chunk in resp.aiter_bytes():
@@ -72,6 +95,7 @@ async def read_snippet(resp: httpx.Response, limit: int = SNIPPET) -> bytes:
 async def read_capped(resp: httpx.Response, url: str, limit: int, peer: Peer) -> bytes:
     """The whole body, refused as soon as it announces or passes `limit` bytes, so a huge
     reply is never buffered; a connection cut short is a precise error."""
+    httpx = _httpx()
     declared = resp.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(url, f"announces {int(declared)} bytes", limit, peer)
@@ -82,12 +106,17 @@ async def read_capped(resp: httpx.Response, url: str, limit: int, peer: Peer) ->
             if len(buf) > limit:
                 raise too_large(url, f"sent more than {limit} bytes", limit, peer)
     except httpx.RemoteProtocolError as exc:
-        raise PeerError(
-            f"the response from {url} is truncated: the connection ended after {len(buf)} "
-            f"bytes" + (f" of the {declared} announced" if declared else "") + f" ({exc})",
-            hresult=HResult.WINHTTP_CONNECTION_ERROR,
-            advice="the server or a proxy cut the response short") from None
+        raise truncated(url, len(buf), declared, exc) from None
     return bytes(buf)
+
+
+def truncated(url: str, got: int, declared: str, exc: BaseException) -> PeerError:
+    """A body that ended before its end (Content-Length or chunked framing)."""
+    return PeerError(
+        f"the response from {url} is truncated: the connection ended after {got} "
+        f"bytes" + (f" of the {declared} announced" if declared else "") + f" ({exc})",
+        hresult=HResult.WINHTTP_CONNECTION_ERROR,
+        advice="the server or a proxy cut the response short")
 
 
 def http_status_error(status: int, url: str, snippet: bytes, peer: Peer,
@@ -114,9 +143,26 @@ def too_large(url: str, what: str, limit: int, peer: Peer) -> PeerError:
                      advice=peer.too_large_advice)
 
 
-def transport_error(exc: httpx.HTTPError | OSError, url: str, peer: Peer) -> DmAgentError:
-    """WinHTTP's view of a transport failure (HRESULT_FROM_WIN32(ERROR_WINHTTP_*))."""
-    if isinstance(exc, httpx.TimeoutException):  # before the causes: a TLS read can time out
+def bad_url(url: str, why: object, peer: Peer) -> DmAgentError:
+    kind = ConfigError if peer.bad_url_is_config else PeerError
+    return kind(f"{url} is not a usable URL: {why}", hresult=HResult.E_INVALIDARG)
+
+
+def too_many_redirects(url: str) -> UnreachableError:
+    return UnreachableError(f"{url} redirects too many times",
+                            hresult=HResult.HTTP_E_STATUS_UNEXPECTED_REDIRECTION)
+
+
+def transport_error(exc: httpx.HTTPError | OSError | Exception, url: str, peer: Peer, *,
+                    connecting: bool = False) -> DmAgentError:
+    """WinHTTP's view of a transport failure (HRESULT_FROM_WIN32(ERROR_WINHTTP_*)).
+
+    `exc` is an httpx error, or for `BlockingHttp` an OSError / http.client.HTTPException
+    (`connecting`: raised while the connection was being made).
+    """
+    hx = sys.modules.get("httpx")  # an httpx error means httpx is loaded; never import it here
+    if isinstance(exc, TimeoutError) or (hx is not None and isinstance(exc, hx.TimeoutException)):
+        # before the causes: a TLS read can time out
         return UnreachableError(f"{url} did not answer in time ({type(exc).__name__})",
                                 hresult=HResult.WINHTTP_TIMEOUT,
                                 advice=f"raise {peer.timeout_setting} or check the server")
@@ -142,7 +188,8 @@ def transport_error(exc: httpx.HTTPError | OSError, url: str, peer: Peer) -> DmA
                        "and server.client_key" if client_side else
                 "check the server certificate, its trust and the client certificate")
         cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.ConnectError):
+    if (connecting and isinstance(exc, OSError)) or (
+            hx is not None and isinstance(exc, hx.ConnectError)):
         text = str(exc).lower()
         if "name or service" in text or "nodename" in text:
             return UnreachableError(f"cannot resolve the host of {url}: {exc}",
@@ -150,14 +197,219 @@ def transport_error(exc: httpx.HTTPError | OSError, url: str, peer: Peer) -> DmA
         return UnreachableError(f"cannot connect to {url}: {exc or 'connection refused'}",
                                 hresult=HResult.WINHTTP_CANNOT_CONNECT,
                                 advice=f"check that {peer.name} is running and reachable")
-    if isinstance(exc, httpx.TooManyRedirects):
-        return UnreachableError(f"{url} redirects too many times",
-                                hresult=HResult.HTTP_E_STATUS_UNEXPECTED_REDIRECTION)
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        kind = ConfigError if peer.bad_url_is_config else PeerError
-        return kind(f"{url} is not a usable URL: {exc}", hresult=HResult.E_INVALIDARG)
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return UnreachableError(f"{url} broke the HTTP protocol: {exc}",
+    http_client = sys.modules.get("http.client")
+    if hx is not None:
+        if isinstance(exc, hx.TooManyRedirects):
+            return too_many_redirects(url)
+        if isinstance(exc, hx.UnsupportedProtocol | hx.InvalidURL):
+            return bad_url(url, exc, peer)
+    if (hx is not None and isinstance(exc, hx.RemoteProtocolError)) or (
+            http_client is not None and isinstance(exc, http_client.HTTPException)):
+        return UnreachableError(f"{url} broke the HTTP protocol: {exc or type(exc).__name__}",
                                 hresult=HResult.WINHTTP_INVALID_SERVER_RESPONSE)
     return UnreachableError(f"the connection to {url} failed: {exc or type(exc).__name__}",
                             hresult=HResult.WINHTTP_CONNECTION_ERROR)
+
+
+# --- a blocking HTTP/1.1 client for one-shot commands -------------------------------------
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 20  # httpx's default
+# A kept-alive connection failing like this was closed by the server while idle (RemoteDisconnected
+# is a ConnectionResetError).
+_RETRYABLE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def ssl_context(verify: bool | str | ssl.SSLContext = True) -> ssl.SSLContext:
+    """The TLS context httpx builds for `verify` (trust from $SSL_CERT_FILE, $SSL_CERT_DIR,
+    else certifi's bundle; False = no verification), ALPN http/1.1 as httpcore offers."""
+    import os
+
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is False:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif isinstance(verify, str):
+        ctx = (ssl.create_default_context(capath=verify) if os.path.isdir(verify)
+               else ssl.create_default_context(cafile=verify))
+    elif os.environ.get("SSL_CERT_FILE"):
+        ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    elif os.environ.get("SSL_CERT_DIR"):
+        ctx = ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    else:
+        import certifi
+
+        ctx = ssl.create_default_context(cafile=certifi.where())
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """An idle keep-alive socket that is readable has seen EOF (or stray bytes): unusable."""
+    import select
+
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class BlockingHttp:
+    """HTTP/1.1 with blocking sockets (http.client), one request at a time, no event loop.
+
+    For one-shot commands: importing httpx and asyncio costs more than such a command's whole
+    conversation. It behaves like the httpx clients of the shells: `timeout` per connect and
+    per socket read or write, redirects followed (at most 20; 303, and 301/302 after a POST,
+    become a GET without body), TLS verified like httpx does (`ssl_context`), one keep-alive
+    connection per origin (a reused connection the server has closed meanwhile is replaced
+    once). Like the SCEP httpx client it uses no proxy. Not thread-safe.
+    """
+
+    def __init__(self, *, timeout: float, headers: dict[str, str] | None = None,
+                 verify: bool | str | ssl.SSLContext = True,
+                 max_redirects: int = MAX_REDIRECTS) -> None:
+        self._timeout = timeout
+        self._headers = {"Accept": "*/*", "Accept-Encoding": "identity", **(headers or {})}
+        self._verify = verify
+        self._tls: ssl.SSLContext | None = None  # built on the first https request
+        self._max_redirects = max_redirects
+        self._conns: dict[tuple[str, str, int | None], Any] = {}
+
+    def __enter__(self) -> BlockingHttp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    def fetch(self, method: str, url: str, *, limit: int, peer: Peer,
+              content: bytes | None = None, headers: dict[str, str] | None = None,
+              shown: str | None = None) -> tuple[bytes, str]:
+        """One request (redirects followed): the 2xx body (at most `limit` bytes) and its
+        Content-Type. Any other outcome raises the DmAgentError the httpx shells raise."""
+        import urllib.parse
+
+        shown = shown or url
+        for _ in range(self._max_redirects + 1):
+            parts = urllib.parse.urlsplit(url)
+            resp, origin = self._send(method, parts, content, headers, shown, peer)
+            try:
+                status = resp.status
+                location = resp.getheader("location")
+                if status in _REDIRECTS and location:
+                    self._body(resp, SNIPPET, shown, peer, lenient=True)
+                    url = urllib.parse.urljoin(url, location)
+                    if (status == 303 and method != "HEAD") or (status in (301, 302)
+                                                                 and method == "POST"):
+                        method, content = "GET", None
+                        headers = {k: v for k, v in (headers or {}).items()
+                                   if k.lower() != "content-type"}
+                    continue
+                if not 200 <= status < 300:
+                    raise http_status_error(
+                        status, shown, self._body(resp, SNIPPET, shown, peer, lenient=True),
+                        peer)
+                return (self._body(resp, limit, shown, peer),
+                        resp.getheader("content-type") or "")
+            finally:
+                if not resp.isclosed():  # not read to its end: the connection is unusable
+                    self._drop(*origin)
+        raise too_many_redirects(shown)
+
+    def _connection(self, scheme: str, host: str, port: int | None) -> tuple[Any, bool]:
+        """The origin's connection and whether it was used before."""
+        import http.client
+
+        key = (scheme, host, port)
+        conn = self._conns.get(key)
+        if conn is not None:
+            if conn.sock is None or not _closed_by_peer(conn.sock):
+                return conn, True
+            self._drop(*key)  # readable while idle: the server closed it (EOF)
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = ssl_context(self._verify)
+            conn = http.client.HTTPSConnection(host, port, timeout=self._timeout,
+                                               context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
+        self._conns[key] = conn
+        return conn, False
+
+    def _send(self, method: str, parts: Any, content: bytes | None,
+              headers: dict[str, str] | None, shown: str,
+              peer: Peer) -> tuple[Any, tuple[str, str, int | None]]:
+        import http.client
+
+        scheme = parts.scheme.lower()
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:  # a port that is not a number
+            raise bad_url(shown, exc, peer) from None
+        if scheme not in ("http", "https") or not host:
+            raise bad_url(shown, f"{scheme or 'no'} scheme" if host else "no host", peer)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        sent = {**self._headers, **(headers or {})}
+        while True:
+            conn, reused = self._connection(scheme, host, port)
+            try:
+                if conn.sock is None:
+                    try:
+                        conn.connect()
+                    except (OSError, http.client.HTTPException) as exc:
+                        self._drop(scheme, host, port)
+                        raise transport_error(exc, shown, peer, connecting=True) from None
+                conn.request(method, target, body=content, headers=sent)
+                return conn.getresponse(), (scheme, host, port)
+            except DmAgentError:
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(scheme, host, port)
+                if reused and method in ("GET", "HEAD") and isinstance(exc, _RETRYABLE):
+                    continue  # the server closed the idle connection: once more on a new one
+                raise transport_error(exc, shown, peer) from None
+
+    def _drop(self, scheme: str, host: str, port: int | None) -> None:
+        conn = self._conns.pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+    def _body(self, resp: Any, limit: int, url: str, peer: Peer, *,
+              lenient: bool = False) -> bytes:
+        """The body, refused past `limit` (read_capped's rules); `lenient` (error bodies,
+        redirects): its first `limit` bytes, read errors ignored. A body not read to its end
+        leaves the response open, and `fetch` then drops the connection."""
+        import http.client
+
+        declared = resp.getheader("content-length") or ""
+        if not lenient and declared.isdigit() and int(declared) > limit:
+            raise too_large(url, f"announces {int(declared)} bytes", limit, peer)
+        buf = bytearray()
+        try:
+            while len(buf) <= limit:
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            if declared.isdigit() and len(buf) < int(declared):  # read(n) does not check
+                raise http.client.IncompleteRead(bytes(buf), int(declared) - len(buf))
+        except http.client.IncompleteRead as exc:
+            if lenient:
+                return bytes(buf[:limit])
+            raise truncated(url, len(exc.partial), declared, exc) from None
+        except (OSError, http.client.HTTPException) as exc:
+            if lenient:
+                return bytes(buf[:limit])
+            raise transport_error(exc, url, peer) from None
+        if len(buf) > limit:
+            if lenient:
+                return bytes(buf[:limit])
+            raise too_large(url, f"sent more than {limit} bytes", limit, peer)
+        return bytes(buf)

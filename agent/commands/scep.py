@@ -13,22 +13,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.commands.base import App, add_json_flag
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from cryptography import x509
 
     from agent.config import ScepConfig
+    from agent.httpio import BlockingHttp
     from agent.scep.enroll import EnrollOptions, EnrollResult
     from keystores.base import KeyHandle, KeyStore
 
 CHALLENGE_ENV = "DMAGENT_SCEP_CHALLENGE"
 _CIPHERS = ("des-cbc", "3des-cbc", "aes128-cbc", "aes192-cbc", "aes256-cbc")
 _DIGESTS = ("sha1", "sha256", "sha384", "sha512")
+T = TypeVar("T")
 
 
 def register(sub: Any) -> None:
@@ -147,10 +149,20 @@ def _scep_config(args: argparse.Namespace, app: App) -> ScepConfig:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def _http(args: argparse.Namespace, cfg: ScepConfig) -> Any:
-    from agent.scep.client import make_http_client
+def _drive(args: argparse.Namespace, cfg: ScepConfig,
+           job: Callable[[BlockingHttp], Coroutine[Any, Any, T]]) -> T:
+    """Run `job(http)`, the SCEP conversation of one command, without an event loop.
 
-    return make_http_client(cfg, verify=not args.insecure)
+    A command talks to one server, one request after another: on the blocking transport the
+    SCEP coroutines never suspend and `run_inline` steps them to the end, which spares the
+    command importing asyncio and httpx (more than its whole conversation with the CA costs).
+    The protocol code is the one the daemon runs on asyncio.
+    """
+    from agent.scep.client import make_blocking_http
+    from agent.scep.inline import run_inline
+
+    with make_blocking_http(cfg, verify=not args.insecure) as http:
+        return run_inline(job(http))
 
 
 def _caps_text(args: argparse.Namespace) -> str | None:
@@ -243,18 +255,16 @@ def _cert_info(cert: x509.Certificate) -> dict[str, Any]:
 # --- getcacaps / getcacert ------------------------------------------------------------------
 
 def run_getcacaps(args: argparse.Namespace, app: App) -> int:
-    import asyncio
-
     from agent.scep.capabilities import choose_algorithms, parse_caps
     from agent.scep.client import ScepClient
 
     cfg = _scep_config(args, app)
 
-    async def go() -> tuple[Any, str]:
-        async with ScepClient(args.url, cfg, http=_http(args, cfg)) as client:
+    async def go(http: BlockingHttp) -> tuple[Any, str]:
+        async with ScepClient(args.url, cfg, http=http) as client:
             return await client.get_ca_caps(), client.respondent_url
 
-    caps, url = asyncio.run(go())
+    caps, url = _drive(args, cfg, go)
     if args.caps is not None:
         caps = parse_caps(_caps_text(args) or "")
     algs = choose_algorithms(caps)
@@ -273,19 +283,17 @@ def run_getcacaps(args: argparse.Namespace, app: App) -> int:
 
 
 def run_getcacert(args: argparse.Namespace, app: App) -> int:
-    import asyncio
-
     from agent.scep.cacerts import check_ca_thumbprint
     from agent.scep.client import ScepClient
 
     cfg = _scep_config(args, app)
 
-    async def go() -> tuple[Any, str]:
-        async with ScepClient(args.url, cfg, http=_http(args, cfg)) as client:
+    async def go(http: BlockingHttp) -> tuple[Any, str]:
+        async with ScepClient(args.url, cfg, http=http) as client:
             await client.get_ca_caps()
             return await client.get_ca_cert(), client.respondent_url
 
-    ca, url = asyncio.run(go())
+    ca, url = _drive(args, cfg, go)
     if args.thumbprint:
         check_ca_thumbprint(ca, args.thumbprint, url)
     if args.out:
@@ -339,16 +347,16 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keygen") as pool:
         pending_key = pool.submit(store.create, spec)
         pending_key.add_done_callback(lambda _: made.append(time.perf_counter() - started))
-        import asyncio
-
         options = _options(args, csr)
         cfg = _scep_config(args, app)
 
-        async def run() -> EnrollResult:
-            return await _enroll(args, cfg, options, asyncio.wrap_future(pending_key))
+        async def run(http: BlockingHttp) -> EnrollResult:
+            from agent.scep.inline import Waiting
+
+            return await _enroll(http, cfg, options, Waiting(pending_key))
 
         try:
-            result = asyncio.run(run())
+            result = _drive(args, cfg, run)
         except BaseException:
             # a key for a request that failed is of no use (wait for it if still being made)
             if pending_key.exception() is None:
@@ -365,8 +373,6 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
 
 
 def run_renew(args: argparse.Namespace, app: App) -> int:
-    import asyncio
-
     from cryptography import x509
 
     from agent.errors import LocalError
@@ -392,36 +398,36 @@ def run_renew(args: argparse.Namespace, app: App) -> int:
     store = _key_store(args, app)
     cfg = _scep_config(args, app)
 
-    async def go() -> tuple[EnrollResult, KeyHandle, float]:
-        blocking = store.kind == "tpm"
-        old_key = await asyncio.to_thread(store.load, args.key_id) if blocking \
-            else store.load(args.key_id)
+    async def go(http: BlockingHttp) -> tuple[EnrollResult, KeyHandle, float]:
+        old_key = store.load(args.key_id)
         started = time.perf_counter()
         if args.reuse_key:
             new_key = old_key
         else:
             spec = KeySpec(old_key.spec.algorithm, old_key.spec.size, label="dmagent scep renew")
-            new_key = await asyncio.to_thread(store.create, spec) if blocking \
-                else store.create(spec)
+            new_key = store.create(spec)
         keygen = time.perf_counter() - started
         try:
-            result = await _enroll(args, cfg, options, new_key, renew_with=(old_key, old_cert))
+            result = await _enroll(http, cfg, options, new_key, renew_with=(old_key, old_cert))
         except BaseException:
             if new_key is not old_key:
                 store.delete(new_key.key_id)
             raise
         return result, new_key, keygen
 
-    result, key, keygen = asyncio.run(go())
+    result, key, keygen = _drive(args, cfg, go)
     return _report(args, app, result, key, store.kind, keygen)
 
 
-async def _enroll(args: argparse.Namespace, cfg: ScepConfig, options: EnrollOptions,
+async def _enroll(http: BlockingHttp, cfg: ScepConfig, options: EnrollOptions,
                   key: KeyHandle | Awaitable[KeyHandle], **kwargs: Any) -> EnrollResult:
+    """`enroll` without an event loop: PENDING polls sleep in this thread, key operations
+    (TPM included) run inline, as there is nothing else to keep running meanwhile."""
     from agent.scep.enroll import enroll
+    from agent.scep.inline import blocking_sleep
 
-    async with _http(args, cfg) as http:
-        return await enroll(options, key, config=cfg, http=http, **kwargs)
+    return await enroll(options, key, config=cfg, http=http, sleep=blocking_sleep,
+                        offload=False, **kwargs)
 
 
 def _key_password(args: argparse.Namespace) -> bytes:

@@ -1,8 +1,12 @@
-"""The SCEP HTTP shell (RFC 8894 §4): GetCACaps, GetCACert, PKIOperation over httpx.
+"""The SCEP HTTP shell (RFC 8894 §4): GetCACaps, GetCACert, PKIOperation.
 
-The only httpx importer besides `agent.transport`. Everything protocol-shaped is in the sans-IO
-modules; this file turns HTTP into bytes and transport failures into the HRESULTs WinHTTP
-reports (`UnreachableError`), and refuses oversized or truncated bodies (`PeerError`).
+Everything protocol-shaped is in the sans-IO modules; this file turns HTTP into bytes and
+transport failures into the HRESULTs WinHTTP reports (`UnreachableError`), and refuses
+oversized or truncated bodies (`PeerError`). Requests go through an httpx.AsyncClient
+(`make_http_client`: the daemon, fleets, certinst) or, for one-shot commands, through
+`agent.httpio.BlockingHttp` (`make_blocking_http`), whose coroutines never suspend, so the
+whole flow runs without an event loop (`agent.scep.enroll.run_inline`); httpx is imported
+only for the former. Both report failures alike (`agent.httpio`).
 
 URL form. Windows appends `/pkiclient.exe` to whatever ServerURL it is given and sends
 `message=default` with GetCACaps/GetCACert (IIS logs in seed 001: `GET /certsrv/mscep/
@@ -25,20 +29,25 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from agent.config import ScepConfig
 from agent.diagnostics import HResult
 from agent.errors import DmAgentError, PeerError, UnreachableError
 from agent.httpio import (
+    BlockingHttp,
     Peer,
     http_status_error,
-    httpx,
     read_capped,
     read_snippet,
     transport_error,
 )
-from agent.scep.cacerts import CaCertificates, parse_ca_certs
 from agent.scep.capabilities import Capabilities, parse_caps
+
+if TYPE_CHECKING:
+    import httpx
+
+    from agent.scep.cacerts import CaCertificates
 
 log = logging.getLogger("dmagent.scep")
 
@@ -104,44 +113,23 @@ class EndpointMemo:
         self._known[endpoint.server_url] = endpoint
 
 
-class _LazyTlsTransport(httpx.AsyncBaseTransport):
-    """Plain-HTTP requests use a transport without CA bundle; the TLS one is built on demand.
-
-    Loading the CA bundle into an SSLContext costs ~45 ms, which httpx pays when a client is
-    created even if every ServerURL is http:// (the usual NDES and micromdm set-up on an
-    internal network). TLS verification is unchanged for https: that transport is created,
-    with `verify`, the first time an https URL (or a redirect to one) is requested.
-    """
-
-    def __init__(self, verify: bool | str | ssl.SSLContext, limits: httpx.Limits) -> None:
-        self._verify = verify
-        self._limits = limits
-        # verify=False: this transport only ever carries http:// requests (no TLS at all).
-        self._plain = httpx.AsyncHTTPTransport(verify=False, limits=limits)
-        self._tls: httpx.AsyncHTTPTransport | None = None
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme == "http":
-            return await self._plain.handle_async_request(request)
-        if self._tls is None:
-            self._tls = httpx.AsyncHTTPTransport(verify=self._verify, limits=self._limits)
-        return await self._tls.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._plain.aclose()
-        if self._tls is not None:
-            await self._tls.aclose()
-
-
 def make_http_client(config: ScepConfig | None = None, *,
                      verify: bool | str | ssl.SSLContext = True) -> httpx.AsyncClient:
-    """The HTTP client SCEP uses: Windows' User-Agent, scep.timeout, redirects followed
-    (WinHTTP follows them), environment proxies honoured, TLS set up only when needed."""
+    """The httpx client SCEP uses: Windows' User-Agent, scep.timeout, redirects followed
+    (WinHTTP follows them), TLS set up only when needed. No proxy: httpx applies the
+    environment's proxy variables only to clients without a custom transport (and WinHTTP's
+    default is direct access unless a proxy is configured for it)."""
+    from agent.scep.httpx_transport import make_http_client as make
+
+    return make(config or ScepConfig(), verify=verify)
+
+
+def make_blocking_http(config: ScepConfig | None = None, *,
+                       verify: bool | str | ssl.SSLContext = True) -> BlockingHttp:
+    """The same for one-shot commands, without an event loop."""
     cfg = config or ScepConfig()
-    limits = httpx.Limits(max_connections=10, max_keepalive_connections=5)
-    return httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), follow_redirects=True,
-                             headers={"User-Agent": cfg.user_agent},
-                             transport=_LazyTlsTransport(verify, limits))
+    return BlockingHttp(timeout=cfg.timeout, headers={"User-Agent": cfg.user_agent},
+                        verify=verify)
 
 
 def _with_query(url: str, query: str) -> str:
@@ -152,7 +140,8 @@ class ScepClient:
     """An async SCEP client for one ServerURL value (one transaction at a time)."""
 
     def __init__(self, server_url: str, config: ScepConfig | None = None, *,
-                 http: httpx.AsyncClient | None = None, verify: bool | str | ssl.SSLContext = True,
+                 http: httpx.AsyncClient | BlockingHttp | None = None,
+                 verify: bool | str | ssl.SSLContext = True,
                  memo: EndpointMemo | None = None) -> None:
         self.config = config or ScepConfig()
         self._memo = memo
@@ -163,7 +152,8 @@ class ScepClient:
                 if known in forms:
                     forms.sort(key=lambda e: e != known)
         self._own_http = http is None
-        self._http = http or make_http_client(self.config, verify=verify)
+        self._http: httpx.AsyncClient | BlockingHttp = (
+            http if http is not None else make_http_client(self.config, verify=verify))
         self.endpoint: Endpoint | None = None
         self.attempts: list[tuple[str, str]] = []  # (url, outcome) in order, for diagnostics
 
@@ -175,7 +165,11 @@ class ScepClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._own_http:
+        if not self._own_http:
+            return
+        if isinstance(self._http, BlockingHttp):
+            self._http.close()
+        else:
             await self._http.aclose()
 
     @property
@@ -191,6 +185,8 @@ class ScepClient:
 
     async def get_ca_cert(self) -> CaCertificates:
         """GetCACert (§4.2): the CA certificate or the CA/RA chain, roles assigned."""
+        from agent.scep.cacerts import parse_ca_certs
+
         body, ctype = await self._get_operation("GetCACert")
         return parse_ca_certs(body, ctype)
 
@@ -260,6 +256,13 @@ class ScepClient:
         """One request; the body is streamed and capped at scep.max_response_bytes."""
         limit = self.config.max_response_bytes
         shown = url.split("&message=", 1)[0]  # never log a PKIOperation message
+        if isinstance(self._http, BlockingHttp):
+            body, ctype = self._http.fetch(method, url, limit=limit, peer=SCEP_SERVER,
+                                           content=content, headers=headers, shown=shown)
+            log.debug("SCEP %s %s -> %d bytes", method, shown, len(body))
+            return body, ctype
+        from agent.httpio import httpx
+
         try:
             async with self._http.stream(method, url, content=content,
                                          headers=headers) as resp:

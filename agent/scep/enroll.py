@@ -10,19 +10,19 @@ Key operations (signing, decrypting) block when the key lives in a TPM, so for s
 they run in a worker thread (`asyncio.to_thread`); software keys are used inline because a
 thread hop costs more than an RSA-2048 signature. The sleep function, the length of a minute
 and the clock are injected so tests do not wait minutes.
+
+One-shot commands run this same coroutine without an event loop: `enroll_inline` (blocking
+HTTP transport, key operations inline, `agent.scep.inline.run_inline`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-
-from cryptography import x509
 
 from agent.config import ScepConfig
 from agent.csr import CsrRequest, build_csr
@@ -37,10 +37,14 @@ from agent.scep.capabilities import (
 )
 from agent.scep.client import EndpointMemo, ScepClient
 from agent.scep.errors import ScepPendingError
+from agent.scep.inline import blocking_sleep, run_inline
 from keystores.base import HashAlg, KeyAlgorithm, KeyHandle
 
-if TYPE_CHECKING:  # imported through agent.scep.client, which keeps httpx's CLI out
+if TYPE_CHECKING:
     import httpx
+    from cryptography import x509
+
+    from agent.httpio import BlockingHttp
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[Any]]
@@ -100,8 +104,16 @@ def is_blocking(handle: KeyHandle) -> bool:
 
 async def _key_op(blocking: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if blocking:
+        import asyncio
+
         return await asyncio.to_thread(fn, *args, **kwargs)
     return fn(*args, **kwargs)
+
+
+async def _asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
 
 
 def _utcnow() -> datetime:
@@ -121,10 +133,11 @@ class _Timer:
 
 async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], *,
                  config: ScepConfig | None = None,
-                 http: httpx.AsyncClient | None = None, sleep: Sleep = asyncio.sleep,
-                 minute_seconds: float = 60.0, now: Callable[[], datetime] = _utcnow,
+                 http: httpx.AsyncClient | BlockingHttp | None = None,
+                 sleep: Sleep = _asyncio_sleep, minute_seconds: float = 60.0,
+                 now: Callable[[], datetime] = _utcnow,
                  renew_with: tuple[KeyHandle, x509.Certificate] | None = None,
-                 memo: EndpointMemo | None = None) -> EnrollResult:
+                 memo: EndpointMemo | None = None, offload: bool = True) -> EnrollResult:
     """Enrol `key` (already created in its key store) with the SCEP server(s) of `options`.
 
     `renew_with=(old_key, old_cert)` makes it a renewal: a RenewalReq signed with the
@@ -134,6 +147,9 @@ async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], 
 
     `key` may also be an awaitable of the handle (a key still being generated): GetCACaps and
     GetCACert need no key, so they run while it is made, and it is awaited only for the CSR.
+
+    `offload=False` runs blocking key operations (TPM) in the calling thread: for a caller
+    without an event loop (`enroll_inline`), where there is nothing else to keep running.
     """
     if not inspect.isawaitable(key):
         _require_rsa(key)
@@ -152,7 +168,8 @@ async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], 
             key = await key
             _require_rsa(key)
             timer.mark("key")
-        blocking = is_blocking(key) or (renew_with is not None and is_blocking(renew_with[0]))
+        blocking = offload and (
+            is_blocking(key) or (renew_with is not None and is_blocking(renew_with[0])))
         csr_der = await _key_op(blocking, build_csr, options.csr, key)
         timer.mark("csr")
         if renew_with is None:
@@ -196,3 +213,14 @@ async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], 
             algorithms=algs, capabilities=caps, polls=polls, reply_digest=rep.digest_alg,
             timings=tuple(timer.marks))
 
+
+
+def enroll_inline(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], *,
+                  http: BlockingHttp, config: ScepConfig | None = None,
+                  sleep: Sleep = blocking_sleep, **kwargs: Any) -> EnrollResult:
+    """`enroll` for one-shot commands: no event loop, blocking HTTP, key operations inline.
+
+    `key` may be `agent.scep.inline.Waiting(future)` for a key made in a worker thread meanwhile.
+    """
+    return run_inline(enroll(options, key, config=config, http=http, sleep=sleep,
+                             offload=False, **kwargs))

@@ -159,3 +159,32 @@ def test_bad_profile_values_name_the_node(run_cli: Run, scepserver: ScepServerIn
     res = run_cli("scep", "enroll", scepserver.url, "--subject", "CN=ok", "--key-usage", "16",
                   env=CHALLENGE_ENV)
     assert res.returncode == 1 and "Install/KeyUsage" in res.stderr
+
+
+def test_enroll_loads_no_event_loop_nor_httpx(scepserver: ScepServerInstance,
+                                               state_dir: Path) -> None:
+    """`dmagent scep enroll` talks on the blocking transport: asyncio and httpx cost more to
+    import than its whole conversation with the CA."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from agent.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, sorted(m for m in ('asyncio', 'httpx', 'httpcore', 'anyio') "
+            "if m in sys.modules), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, "scep", "enroll", scepserver.url,
+                           "--subject", "CN=lean", "--json"], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **CHALLENGE_ENV,
+                                         "DMAGENT_STATE_DIR": str(state_dir)}, check=False)
+    assert proc.stderr.strip().splitlines()[-1] == "0 []", proc.stderr
+    assert len(json.loads(proc.stdout)["thumbprint"]) == 40
+
+
+def test_no_proxy_from_the_environment(run_cli: Run, scepserver: ScepServerInstance) -> None:
+    """Proxy variables are not applied, as before (httpx ignores them for the SCEP client's
+    custom transport) and as WinHTTP's default (direct access)."""
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    data = _json(run_cli("scep", "getcacaps", scepserver.url, "--json",
+                         env={"HTTP_PROXY": dead_proxy, "http_proxy": dead_proxy}))
+    assert "POSTPKIOperation" in data["capabilities"]

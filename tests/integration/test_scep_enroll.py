@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from agent.csr import CsrRequest
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import PeerError, UnreachableError
 from agent.scep.capabilities import ContentCipher
-from agent.scep.enroll import EnrollOptions, EnrollResult, enroll, is_blocking
+from agent.scep.client import make_blocking_http
+from agent.scep.enroll import EnrollOptions, EnrollResult, enroll, enroll_inline, is_blocking
 from agent.scep.errors import ScepFailure
 from agent.scep.messages import MessageType, public_key_der
 from agent.sealing import Sealer
@@ -42,8 +43,24 @@ def proxy(scepserver: ScepServerInstance) -> Iterator[ScepProxy]:
     p.stop()
 
 
-def _run(options: EnrollOptions, key: KeyHandle, **kwargs: Any) -> EnrollResult:
+Runner = Callable[..., EnrollResult]
+
+
+def _run_asyncio(options: EnrollOptions, key: KeyHandle, **kwargs: Any) -> EnrollResult:
+    """As the daemon and certinst run it: an event loop, httpx."""
     return asyncio.run(enroll(options, key, **kwargs))
+
+
+def _run_inline(options: EnrollOptions, key: KeyHandle, **kwargs: Any) -> EnrollResult:
+    """As `dmagent scep` runs it: no event loop, the blocking transport, key ops inline."""
+    with make_blocking_http(kwargs.get("config")) as http:
+        return enroll_inline(options, key, http=http, **kwargs)
+
+
+@pytest.fixture(params=["asyncio", "inline"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Every enrollment test runs both ways: the same flow must behave the same."""
+    return _run_asyncio if request.param == "asyncio" else _run_inline
 
 
 def _options(url: str, **kwargs: Any) -> EnrollOptions:
@@ -69,9 +86,9 @@ def _pki_ops(server: ScepServerInstance) -> int:
 
 @pytest.mark.parametrize("post", [True, False], ids=["POST", "GET"])
 def test_enroll_software_key(scepserver: ScepServerInstance, software: SoftwareKeyStore,
-                             post: bool) -> None:
+                             post: bool, run: Runner) -> None:
     key = software.create(KeySpec())
-    result = _run(_options(scepserver.url, post=post,
+    result = run(_options(scepserver.url, post=post,
                            ca_thumbprint=scepserver.ca_thumbprint.lower()), key)
     _check_issued(result, key, scepserver)
     assert result.algorithms.post is post
@@ -103,7 +120,7 @@ ALGORITHMS = [
                          ids=[f"{c.value}-{d.value}" for _, c, d in ALGORITHMS])
 def test_enroll_each_algorithm(scepserver: ScepServerInstance, software: SoftwareKeyStore,
                                proxy: ScepProxy, forced: dict[str, Any], cipher: ContentCipher,
-                               digest: HashAlg) -> None:
+                               digest: HashAlg, run: Runner) -> None:
     from tests.scep_support import load_depot_ca, parse_request
 
     seen: list[Any] = []
@@ -114,7 +131,7 @@ def test_enroll_each_algorithm(scepserver: ScepServerInstance, software: Softwar
 
     proxy.on_pki = record
     key = software.create(KeySpec())
-    result = _run(_options(proxy.url, **forced), key,
+    result = run(_options(proxy.url, **forced), key,
                   config=ScepConfig(windows_url_form=False))
     _check_issued(result, key, scepserver)
     assert (result.algorithms.cipher, result.algorithms.digest) == (cipher, digest)
@@ -128,13 +145,13 @@ def test_enroll_each_algorithm(scepserver: ScepServerInstance, software: Softwar
 @pytest.mark.swtpm
 @pytest.mark.parametrize("post", [True, False], ids=["POST", "GET"])
 def test_enroll_tpm_key(scepserver: ScepServerInstance, swtpm: Any, tmp_path: Path,
-                        post: bool) -> None:
+                        post: bool, run: Runner) -> None:
     from keystores.tpm import TpmKeyStore
 
     store = TpmKeyStore(swtpm.tcti, tmp_path / "tpm")
     key = store.create(KeySpec())
     assert is_blocking(key)  # its operations go through asyncio.to_thread
-    result = _run(_options(scepserver.url, post=post, ca_thumbprint=scepserver.ca_thumbprint),
+    result = run(_options(scepserver.url, post=post, ca_thumbprint=scepserver.ca_thumbprint),
                   key)
     _check_issued(result, key, scepserver)
     # the private key never left the TPM: a reloaded handle is the same key
@@ -145,12 +162,12 @@ def test_enroll_tpm_key(scepserver: ScepServerInstance, swtpm: Any, tmp_path: Pa
 
 @pytest.mark.parametrize("reuse_key", [False, True], ids=["new-key", "same-key"])
 def test_renewal(scepserver: ScepServerInstance, software: SoftwareKeyStore,
-                 reuse_key: bool) -> None:
+                 reuse_key: bool, run: Runner) -> None:
     old_key = software.create(KeySpec())
-    first = _run(_options(scepserver.url), old_key)
+    first = run(_options(scepserver.url), old_key)
     new_key = old_key if reuse_key else software.create(KeySpec())
     before = _pki_ops(scepserver)
-    renewed = _run(_options(scepserver.url), new_key,
+    renewed = run(_options(scepserver.url), new_key,
                    renew_with=(old_key, first.certificate))
     assert renewed.message_type is MessageType.RENEWAL_REQ  # micromdm advertises Renewal
     _check_issued(renewed, new_key, scepserver)
@@ -159,21 +176,21 @@ def test_renewal(scepserver: ScepServerInstance, software: SoftwareKeyStore,
 
 
 def test_renewal_without_renewal_capability_sends_pkcsreq(
-        scepserver: ScepServerInstance, software: SoftwareKeyStore) -> None:
+        scepserver: ScepServerInstance, software: SoftwareKeyStore, run: Runner) -> None:
     old_key = software.create(KeySpec())
-    first = _run(_options(scepserver.url), old_key)
+    first = run(_options(scepserver.url), old_key)
     new_key = software.create(KeySpec())
-    renewed = _run(_options(scepserver.url, caps_override="AES\nSHA-256"), new_key,
+    renewed = run(_options(scepserver.url, caps_override="AES\nSHA-256"), new_key,
                    renew_with=(old_key, first.certificate))
     assert renewed.message_type is MessageType.PKCS_REQ
     _check_issued(renewed, new_key, scepserver)
 
 
 def test_wrong_challenge_is_a_clear_failure(scepserver: ScepServerInstance,
-                                            software: SoftwareKeyStore) -> None:
+                                            software: SoftwareKeyStore, run: Runner) -> None:
     key = software.create(KeySpec())
     with pytest.raises(ScepFailure) as err:
-        _run(_options(scepserver.url, challenge="not-the-secret"), key)
+        run(_options(scepserver.url, challenge="not-the-secret"), key)
     assert err.value.fail_info is FailInfo.BAD_REQUEST
     assert err.value.hresult == HResult.E_ACCESSDENIED
     assert "FAILURE, badRequest (2)" in err.value.message
@@ -182,12 +199,13 @@ def test_wrong_challenge_is_a_clear_failure(scepserver: ScepServerInstance,
 
 
 def test_wrong_ca_thumbprint_refused_before_any_request(
-        scepserver: ScepServerInstance, software: SoftwareKeyStore, proxy: ScepProxy) -> None:
+        scepserver: ScepServerInstance, software: SoftwareKeyStore, proxy: ScepProxy,
+        run: Runner) -> None:
     key = software.create(KeySpec())
     before = _pki_ops(scepserver)
     wrong = "0C93E3B330AC0F3770CCED39CE5EDCBD23919305"
     with pytest.raises(PeerError) as err:
-        _run(_options(proxy.url, ca_thumbprint=wrong), key)
+        run(_options(proxy.url, ca_thumbprint=wrong), key)
     assert err.value.hresult == HResult.CERT_E_UNTRUSTEDCA
     # the server named is the one that answered, with Windows' /pkiclient.exe (seed 001)
     assert (f"Failed to Initialize SCEP enrollment with NDES Server '{proxy.url}"
@@ -200,12 +218,12 @@ def test_wrong_ca_thumbprint_refused_before_any_request(
 
 
 def test_windows_wire_form(scepserver: ScepServerInstance, software: SoftwareKeyStore,
-                           proxy: ScepProxy) -> None:
+                           proxy: ScepProxy, run: Runner) -> None:
     """`<ServerURL>/pkiclient.exe?operation=...&message=default`, the NDES client UA."""
     key = software.create(KeySpec())
     cfg = ScepConfig()
     url = proxy.url.removesuffix("/scep") + "/certsrv/mscep/mscep.dll"
-    result = _run(_options(url), key, config=cfg)
+    result = run(_options(url), key, config=cfg)
     paths = [p for _, p, _ in proxy.requests]
     assert paths[0] == "/certsrv/mscep/mscep.dll/pkiclient.exe?operation=GetCACaps&message=default"
     assert paths[1] == "/certsrv/mscep/mscep.dll/pkiclient.exe?operation=GetCACert&message=default"
@@ -216,20 +234,20 @@ def test_windows_wire_form(scepserver: ScepServerInstance, software: SoftwareKey
 
 
 def test_trailing_slash_gives_windows_double_slash(proxy: ScepProxy,
-                                                   software: SoftwareKeyStore) -> None:
+                                                   software: SoftwareKeyStore, run: Runner) -> None:
     key = software.create(KeySpec())
-    result = _run(_options(proxy.url + "/"), key)
+    result = run(_options(proxy.url + "/"), key)
     assert proxy.requests[0][1].startswith("/scep//pkiclient.exe?operation=GetCACaps")
     assert result.respondent_url == proxy.url + "//pkiclient.exe"
 
 
 def test_get_pki_operation_is_base64_url_encoded(proxy: ScepProxy,
-                                                 software: SoftwareKeyStore) -> None:
+                                                 software: SoftwareKeyStore, run: Runner) -> None:
     import base64
     import urllib.parse
 
     key = software.create(KeySpec())
-    _run(_options(proxy.url, post=False), key, config=ScepConfig(windows_url_form=False))
+    run(_options(proxy.url, post=False), key, config=ScepConfig(windows_url_form=False))
     method, path, _ = next(r for r in proxy.requests if "PKIOperation" in r[1])
     assert method == "GET"
     raw = path.split("message=", 1)[1]
@@ -239,17 +257,18 @@ def test_get_pki_operation_is_base64_url_encoded(proxy: ScepProxy,
 
 
 def test_url_already_naming_pkiclient_is_used_as_is(scepserver: ScepServerInstance,
-                                                    software: SoftwareKeyStore) -> None:
+                                                    software: SoftwareKeyStore,
+                                                    run: Runner) -> None:
     key = software.create(KeySpec())
     with pytest.raises(UnreachableError) as err:
-        _run(_options(scepserver.url + "/pkiclient.exe"), key)
+        run(_options(scepserver.url + "/pkiclient.exe"), key)
     assert err.value.hresult == HResult.HTTP_E_STATUS_NOT_FOUND == 0x80190194
 
 
 def test_plain_url_form(scepserver: ScepServerInstance, software: SoftwareKeyStore,
-                        proxy: ScepProxy) -> None:
+                        proxy: ScepProxy, run: Runner) -> None:
     key = software.create(KeySpec())
-    result = _run(_options(proxy.url), key, config=ScepConfig(windows_url_form=False))
+    result = run(_options(proxy.url), key, config=ScepConfig(windows_url_form=False))
     assert proxy.requests[0][1] == "/scep?operation=GetCACaps"
     assert result.respondent_url == proxy.url
 
@@ -262,23 +281,24 @@ def _server_error_proxy(scepserver: ScepServerInstance, status: int) -> ScepProx
 
 @pytest.mark.parametrize("status", [500, 503, 404])
 def test_fallback_to_next_server_url(scepserver: ScepServerInstance,
-                                     software: SoftwareKeyStore, status: int) -> None:
+                                     software: SoftwareKeyStore, status: int, run: Runner) -> None:
     bad = _server_error_proxy(scepserver, status)
     try:
         dead = f"http://127.0.0.1:{free_port()}/scep"
         key = software.create(KeySpec())
-        result = _run(_options(f"{dead};{bad.url}; {scepserver.url}"), key)
+        result = run(_options(f"{dead};{bad.url}; {scepserver.url}"), key)
         assert result.respondent_url == scepserver.url
         _check_issued(result, key, scepserver)
     finally:
         bad.stop()
 
 
-def test_no_fallback_on_403(scepserver: ScepServerInstance, software: SoftwareKeyStore) -> None:
+def test_no_fallback_on_403(scepserver: ScepServerInstance, software: SoftwareKeyStore,
+                            run: Runner) -> None:
     forbidden = _server_error_proxy(scepserver, 403)
     try:
         with pytest.raises(UnreachableError) as err:
-            _run(_options(f"{forbidden.url};{scepserver.url}"), software.create(KeySpec()))
+            run(_options(f"{forbidden.url};{scepserver.url}"), software.create(KeySpec()))
         assert err.value.hresult == HResult.HTTP_E_STATUS_FORBIDDEN
     finally:
         forbidden.stop()
@@ -288,26 +308,26 @@ def test_no_fallback_on_403(scepserver: ScepServerInstance, software: SoftwareKe
                                                  (502, 0x801901F6), (413, 0x8019019D)])
 def test_http_errors_become_windows_hresults(scepserver: ScepServerInstance,
                                              software: SoftwareKeyStore, status: int,
-                                             hresult: int) -> None:
+                                             hresult: int, run: Runner) -> None:
     bad = _server_error_proxy(scepserver, status)
     try:
         with pytest.raises(UnreachableError) as err:
-            _run(_options(bad.url), software.create(KeySpec()))
+            run(_options(bad.url), software.create(KeySpec()))
         assert err.value.hresult == hresult
         assert f"HTTP {status}" in err.value.message and "broken" in err.value.message
     finally:
         bad.stop()
 
 
-def test_all_servers_unreachable(software: SoftwareKeyStore) -> None:
+def test_all_servers_unreachable(software: SoftwareKeyStore, run: Runner) -> None:
     urls = [f"http://127.0.0.1:{free_port()}/scep" for _ in range(2)]
     with pytest.raises(UnreachableError) as err:
-        _run(_options(";".join(urls)), software.create(KeySpec()))
+        run(_options(";".join(urls)), software.create(KeySpec()))
     assert err.value.hresult == HResult.WINHTTP_CANNOT_CONNECT
     assert all(u in err.value.message for u in urls)
 
 
-def test_timeout_is_winhttp_timeout(software: SoftwareKeyStore) -> None:
+def test_timeout_is_winhttp_timeout(software: SoftwareKeyStore, run: Runner) -> None:
     import socket
 
     with socket.socket() as silent:  # accepts (backlog) but never answers
@@ -315,7 +335,7 @@ def test_timeout_is_winhttp_timeout(software: SoftwareKeyStore) -> None:
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/scep"
         with pytest.raises(UnreachableError) as err:
-            _run(_options(url), software.create(KeySpec()),
+            run(_options(url), software.create(KeySpec()),
                  config=dataclasses.replace(ScepConfig(), timeout=0.3))
     assert err.value.hresult == HResult.WINHTTP_TIMEOUT
 
@@ -341,6 +361,29 @@ def test_key_may_arrive_while_the_ca_is_asked(scepserver: ScepServerInstance,
     assert [n for n, _ in result.timings][:3] == ["getcacaps", "getcacert", "key"]
     key = software.load(software.list_ids()[0])
     _check_issued(result, key, scepserver)
+
+
+def test_key_may_arrive_while_the_ca_is_asked_without_a_loop(
+        scepserver: ScepServerInstance, software: SoftwareKeyStore, proxy: ScepProxy) -> None:
+    """The one-shot way: the key is made in a worker thread, awaited through `Waiting`."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.scep.inline import Waiting
+
+    asked = threading.Event()
+
+    def slow_key() -> KeyHandle:
+        assert asked.wait(10)  # made only once GetCACert was answered
+        return software.create(KeySpec())
+
+    proxy.on_get = lambda op: asked.set() if op == "GetCACert" else None
+    with ThreadPoolExecutor(max_workers=1) as pool, make_blocking_http() as http:
+        pending = pool.submit(slow_key)
+        result = enroll_inline(_options(proxy.url), Waiting(pending), http=http,
+                               config=ScepConfig(windows_url_form=False))
+    assert [n for n, _ in result.timings][:3] == ["getcacaps", "getcacert", "key"]
+    _check_issued(result, pending.result(), scepserver)
 
 
 def test_endpoint_memo_skips_the_probe_next_time(software: SoftwareKeyStore,

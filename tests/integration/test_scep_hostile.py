@@ -21,7 +21,8 @@ from agent.csr import CsrRequest
 from agent.diagnostics import HResult
 from agent.errors import DmAgentError, PeerError
 from agent.scep import messages as m
-from agent.scep.enroll import EnrollOptions, enroll
+from agent.scep.client import make_blocking_http
+from agent.scep.enroll import EnrollOptions, enroll, enroll_inline
 from agent.sealing import Sealer
 from keystores.base import KeySpec
 from keystores.software import SoftwareKeyStore
@@ -60,14 +61,31 @@ def store(tmp_path: Path) -> SoftwareKeyStore:
     return SoftwareKeyStore(tmp_path / "keys", Sealer(secrets.token_bytes(32)))
 
 
-def _enroll(url: str, store: SoftwareKeyStore,
-            config: ScepConfig = PLAIN) -> DmAgentError:
-    key = store.create(KeySpec())
-    options = EnrollOptions(url, CsrRequest(subject="CN=hostile-test", challenge="secret"))
-    with pytest.raises(DmAgentError) as err:
-        asyncio.run(enroll(options, key, config=config))
-    assert store.list_ids() == [key.key_id]  # nothing else appeared; no certificate returned
-    return err.value
+Enroll = Callable[..., DmAgentError]
+
+
+@pytest.fixture(params=["asyncio", "inline"])
+def inline(request: pytest.FixtureRequest) -> bool:
+    """Each hostile reply is met by both drivers: asyncio + httpx (daemon, certinst) and no
+    event loop + the blocking transport (`dmagent scep`); both must refuse it alike."""
+    return bool(request.param == "inline")
+
+
+@pytest.fixture
+def refused(inline: bool) -> Enroll:
+    def run(url: str, store: SoftwareKeyStore, config: ScepConfig = PLAIN) -> DmAgentError:
+        key = store.create(KeySpec())
+        options = EnrollOptions(url, CsrRequest(subject="CN=hostile-test", challenge="secret"))
+        with pytest.raises(DmAgentError) as err:
+            if inline:
+                with make_blocking_http(config) as http:
+                    enroll_inline(options, key, http=http, config=config)
+            else:
+                asyncio.run(enroll(options, key, config=config))
+        assert store.list_ids() == [key.key_id]  # nothing else appeared; no certificate
+        return err.value
+
+    return run
 
 
 def _flip_signature(real: bytes) -> bytes:
@@ -129,9 +147,10 @@ def _swap_content(real: bytes) -> bytes:
                          ids=[c[0] for c in CASES])
 def test_hostile_reply(proxy: ScepProxy, ca: CertAndKey, store: SoftwareKeyStore, name: str,
                        make: Callable[[CertAndKey], Callable[[bytes, bytes], Reply]],
-                       etype: type, hresult: int | None, text: str) -> None:
+                       etype: type, hresult: int | None, text: str,
+                       refused: Enroll) -> None:
     proxy.on_pki = make(ca)
-    err = _enroll(proxy.url, store)
+    err = refused(proxy.url, store)
     assert type(err) is etype, err
     if hresult is None:  # random bytes: either tag or length is wrong, both are precise
         assert err.hresult in (HResult.CRYPT_E_ASN1_BADTAG, HResult.CRYPT_E_ASN1_EOD), err
@@ -142,7 +161,8 @@ def test_hostile_reply(proxy: ScepProxy, ca: CertAndKey, store: SoftwareKeyStore
 
 
 def test_certificate_for_another_key(proxy: ScepProxy, ca: CertAndKey,
-                                     store: SoftwareKeyStore) -> None:
+                                     store: SoftwareKeyStore,
+                                     refused: Enroll) -> None:
     """A correctly signed, correctly encrypted CertRep whose certificate is for a key we do
     not hold: refused, never returned for installation."""
     stranger = CryptoKeyHandle.rsa().public_key()
@@ -153,7 +173,7 @@ def test_certificate_for_another_key(proxy: ScepProxy, ca: CertAndKey,
         return Reply(make_cert_rep(req, ca, certs=(cert, ca.cert)))
 
     proxy.on_pki = other_key
-    err = _enroll(proxy.url, store)
+    err = refused(proxy.url, store)
     assert isinstance(err, PeerError)
     assert err.hresult == HResult.CRYPT_E_NOT_FOUND
     assert "no certificate for our public key" in err.message
@@ -177,7 +197,8 @@ def test_crafted_success_is_accepted(proxy: ScepProxy, ca: CertAndKey,
 
 @pytest.mark.parametrize("announce", [True, False], ids=["content-length", "chunked"])
 def test_100mb_body_refused_fast_with_bounded_memory(proxy: ScepProxy, store: SoftwareKeyStore,
-                                                     announce: bool) -> None:
+                                                     announce: bool,
+                                                     refused: Enroll) -> None:
     size = 100 * 1024 * 1024
     proxy.on_pki = lambda req, real: (Reply(b"\x30" * 1024, declared_length=size) if announce
                                       else Reply(chunked_total=size))
@@ -185,7 +206,7 @@ def test_100mb_body_refused_fast_with_bounded_memory(proxy: ScepProxy, store: So
     tracemalloc.start()
     try:
         started = time.perf_counter()
-        err = _enroll(proxy.url, store)
+        err = refused(proxy.url, store)
         elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -198,19 +219,21 @@ def test_100mb_body_refused_fast_with_bounded_memory(proxy: ScepProxy, store: So
     assert peak < 3 * limit  # never near 100 MB: the body is not buffered
 
 
-def test_smaller_limit_from_config(proxy: ScepProxy, store: SoftwareKeyStore) -> None:
+def test_smaller_limit_from_config(proxy: ScepProxy, store: SoftwareKeyStore,
+                                   refused: Enroll) -> None:
     proxy.on_pki = lambda req, real: Reply(real + b"\x00" * 5000)
-    err = _enroll(proxy.url, store, ScepConfig(windows_url_form=False,
+    err = refused(proxy.url, store, ScepConfig(windows_url_form=False,
                                                max_response_bytes=4096))
     assert err.hresult == HResult.ERROR_MESSAGE_EXCEEDS_MAX_SIZE
 
 
 def test_hostile_getcacert_stops_before_request(proxy: ScepProxy,
-                                                store: SoftwareKeyStore) -> None:
+                                                store: SoftwareKeyStore,
+                                                refused: Enroll) -> None:
     proxy.on_get = lambda op: (Reply(b"\x30\x82\x01\x00garbage", content_type=
                                      "application/x-x509-ca-cert") if op == "GetCACert"
                                else None)
-    err = _enroll(proxy.url, store)
+    err = refused(proxy.url, store)
     assert isinstance(err, PeerError)
     assert err.hresult in (HResult.CRYPT_E_BAD_ENCODE, HResult.CRYPT_E_ASN1_EOD)
     assert proxy.count("PKIOperation") == 0

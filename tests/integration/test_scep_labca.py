@@ -108,3 +108,20 @@ def test_approved_while_polling(lab_scep_ca: Callable[..., Any],
     result = asyncio.run(enroll(_options(ca.url, retry_count=3), key,
                                 sleep=approve_then_wait))
     assert result.polls == 1
+
+
+def test_pending_polled_without_an_event_loop(lab_scep_ca: Callable[..., Any],
+                                              store: SoftwareKeyStore) -> None:
+    """`dmagent scep enroll` polls PENDING on the blocking transport, sleeping in its thread."""
+    from agent.scep.client import make_blocking_http
+    from agent.scep.enroll import enroll_inline
+
+    ca = lab_scep_ca(pending="polls:2")
+    key = store.create(KeySpec())
+    with make_blocking_http() as http:
+        result = enroll_inline(_options(ca.url, retry_delay_minutes=1, retry_count=3), key,
+                               http=http, minute_seconds=0.02)
+    assert result.polls == 2
+    waited = dict(result.timings)
+    assert waited["poll1"] >= 0.02 and waited["poll2"] >= 0.02  # RetryDelay really slept
+    assert public_key_der(result.certificate.public_key()) == public_key_der(key.public_key())

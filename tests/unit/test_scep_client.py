@@ -98,12 +98,14 @@ def test_transport_errors_are_winhttp_hresults(exc: httpx.HTTPError, hresult: in
 
 
 def test_httpx_cli_is_not_imported() -> None:
-    """rich (via httpx's CLI) costs ~50 ms of start-up; client.py keeps it out."""
+    """client.py imports httpx only for an httpx client, and then without its CLI (rich costs
+    ~50 ms of start-up)."""
     import subprocess
     import sys
 
-    code = ("import sys, agent.scep.client, httpx; "
+    code = ("import sys, agent.scep.client as c; print('httpx' in sys.modules); "
+            "c.make_http_client(); import httpx; "
             "print('rich' in sys.modules, callable(httpx.main))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == ["False", "True"]
+    assert out == ["False", "False", "True"]
