@@ -13,9 +13,7 @@ import dataclasses
 import hashlib
 import os
 import socket
-import tomllib
 import types
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +155,8 @@ def derived_user_sid(device_id: str) -> str:
 
 
 def _machine_device_id() -> str:
+    import uuid
+
     try:
         machine_id = Path("/etc/machine-id").read_text().strip()
     except OSError:
@@ -175,13 +175,16 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
     source = "defaults"
     try:
         with cfg_path.open("rb") as fh:
-            data = tomllib.load(fh)
+            import tomllib  # only when there is a file (~5 ms of a start otherwise)
+
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{cfg_path}: invalid TOML: {exc}") from None
         source = str(cfg_path)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file not found: {cfg_path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{cfg_path}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{cfg_path}: cannot read: {exc.strerror}") from None
 

@@ -8,19 +8,16 @@ ValidPeriodUnits, HashAlgorithm. A value that cannot be used is the *server's* p
 
 The DER is assembled here (a few TLV helpers) rather than through asn1crypto's high-level
 classes so every string type is exactly the one chosen (PrintableString when it fits, else
-UTF8String, as Windows' CertStrToName does); asn1crypto encodes the primitives and
-`cryptography` parses the result in the tests.
+UTF8String, as Windows' CertStrToName does); `cryptography` parses the result in the tests.
+asn1crypto is imported only to check `#hex` values and to render names (`name_to_str`).
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from asn1crypto import core
 
 from agent.diagnostics import HResult
 from agent.errors import PeerError
@@ -182,6 +179,8 @@ def _quoted(text: str, i: int, node: str) -> tuple[str, int]:
 
 
 def _hex_value(value: str, node: str, text: str) -> bytes:
+    from asn1crypto import core  # only for `#hex` values, which are rare
+
     try:
         raw = bytes.fromhex(value[1:])
         core.Asn1Value.load(raw, strict=True)
@@ -301,6 +300,8 @@ def _general_name(fmt: AltNameFormat, value: str, node: str, text: str) -> bytes
         return tlv(0x86, _ia5(value, "URL", node, text))
     if fmt is AltNameFormat.IP_ADDRESS:
         try:
+            import ipaddress
+
             packed = ipaddress.ip_address(value.strip("[]")).packed
         except ValueError:
             raise _bad(node, text, f"{value!r} is not an IPv4 or IPv6 address") from None

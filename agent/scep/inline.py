@@ -11,8 +11,9 @@ is the same either way; only the driver differs.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 T = TypeVar("T")
@@ -45,6 +46,39 @@ class Waiting(Generic[T]):
     def __await__(self) -> Generator[Any, None, T]:
         yield from ()  # a generator that never yields: the await completes at once
         return self._future.result()
+
+
+class Background(Generic[T]):
+    """`fn(*args)` running in a thread of its own, e.g. a key being made while the command
+    imports the SCEP stack and asks the CA; `Waiting(job)` awaits it. (What a one-worker
+    ThreadPoolExecutor does, without importing concurrent.futures.)"""
+
+    def __init__(self, fn: Callable[..., T], *args: Any, name: str = "background") -> None:
+        self.seconds = 0.0  # how long fn ran
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name=name)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+        started = time.perf_counter()
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # handed to whoever asks for the result
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def exception(self) -> BaseException | None:
+        """Wait for the end; what fn raised, or None."""
+        self._thread.join()
+        return self._error
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait for the end (`timeout` is not supported); fn's result, or raise its error."""
+        if self.exception() is not None:
+            raise cast(BaseException, self._error)
+        return cast(T, self._result)
 
 
 async def blocking_sleep(seconds: float) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from agent.scep.inline import Waiting, blocking_sleep, run_inline
+from agent.scep.inline import Background, Waiting, blocking_sleep, run_inline
 
 
 async def _nested(x: int) -> int:
@@ -78,3 +79,30 @@ def test_blocking_sleep_sleeps_without_a_loop() -> None:
     started = time.perf_counter()
     run_inline(blocking_sleep(0.02))
     assert time.perf_counter() - started >= 0.02
+
+
+def test_background_runs_in_its_own_thread_and_times_itself() -> None:
+    def work(x: int) -> tuple[int, str]:
+        time.sleep(0.02)
+        return x + 1, threading.current_thread().name
+
+    job = Background(work, 41, name="keygen")
+    assert job.result() == (42, "keygen")
+    assert job.exception() is None
+    assert job.seconds >= 0.02
+
+
+def test_background_hands_its_error_over() -> None:
+    def fail() -> None:
+        raise OSError("disk full")
+
+    job = Background(fail)
+    assert isinstance(job.exception(), OSError)
+    with pytest.raises(OSError, match="disk full"):
+        job.result()
+
+    async def use() -> None:
+        await Waiting(job)
+
+    with pytest.raises(OSError, match="disk full"):
+        run_inline(use())
