@@ -9,7 +9,7 @@ ValidPeriodUnits, HashAlgorithm. A value that cannot be used is the *server's* p
 The DER is assembled here (a few TLV helpers) rather than through asn1crypto's high-level
 classes so every string type is exactly the one chosen (PrintableString when it fits, else
 UTF8String, as Windows' CertStrToName does); `cryptography` parses the result in the tests.
-asn1crypto is imported only to check `#hex` values and to render names (`name_to_str`).
+asn1crypto is imported only to check `#hex` values.
 """
 
 from __future__ import annotations
@@ -209,20 +209,35 @@ def subject_der(text: str, node: str = "SubjectName") -> bytes:
     return encode_name(parse_subject(text, node))
 
 
+# DirectoryString-like types a name value is text in (X.520), and how their bytes decode.
+_STRING_CODECS = {0x13: "latin-1", 0x0C: "utf-8", 0x16: "ascii", 0x1A: "ascii", 0x12: "ascii",
+                  0x14: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+
+
 def name_to_str(name_der: bytes, separator: str = ", ") -> str:
-    """CertNameToStr(CERT_X500_NAME_STR) rendering of a DER Name, for display and round trips."""
-    from asn1crypto import x509 as ax509
+    """CertNameToStr(CERT_X500_NAME_STR) rendering of a DER Name, for display and round trips.
+
+    String values are text (quoted when CertNameToStr quotes); any other value is `#` and
+    its hex DER, as CertNameToStr writes values it cannot show.
+    """
+    from agent.scep import ber
 
     parts: list[str] = []
-    name = ax509.Name.load(name_der)
-    for rdn in name.chosen:
+    for rdn in ber.sequence(ber.one_element(name_der), "Name"):
         atoms = []
-        for atv in rdn:
-            dotted = atv["type"].dotted
+        for atv in ber.ber_elements(ber.expect(rdn, ber.SET, "RelativeDistinguishedName",
+                                               constructed=True)):
+            oid_el, value_el = ber.sequence(atv, "AttributeTypeAndValue")
+            dotted = ber.read_oid(oid_el)
             key = _NAMES.get(dotted, f"OID.{dotted}")
-            value = atv["value"].native
-            if not isinstance(value, str):
-                atoms.append(f"{key}=#{atv['value'].dump().hex()}")
+            cls, method, tag, contents, full = value_el
+            codec = _STRING_CODECS.get(tag) if cls == 0 and not method else None
+            try:
+                value = contents.decode(codec) if codec else None
+            except UnicodeDecodeError:
+                value = None
+            if value is None:
+                atoms.append(f"{key}=#{full.hex()}")
                 continue
             if (not value or value != value.strip() or any(c in _QUOTE_CHARS for c in value)):
                 value = '"' + value.replace('"', '""') + '"'

@@ -1,10 +1,14 @@
-"""The CMS layer SCEP needs (RFC 5652 as profiled by RFC 8894 §3), built with asn1crypto.
+"""The CMS layer SCEP needs (RFC 5652 as profiled by RFC 8894 §3): building, and the shared
+helpers of `agent.scep.cmsread` (verifying and opening replies), whose functions are
+re-exported here.
 
 Sans-IO: bytes and key handles in, bytes and verified objects out. `cryptography` cannot add
 SCEP's signed attributes nor sign through a key handle (a TPM key never leaves the TPM), so the
-structures are assembled with asn1crypto, signatures are made by `KeyHandle.sign`, decryption
-of the content-encryption key by `KeyHandle.decrypt`, and `cryptography` does the symmetric
-ciphers and the verification of the CA's signature.
+structures are assembled from DER pieces (`agent.scep.der`), signatures are made by
+`KeyHandle.sign`, decryption of the content-encryption key by `KeyHandle.decrypt`, and
+`cryptography` does the symmetric ciphers and the verification of the CA's signature.
+asn1crypto is imported only by the helpers for callers that work with its objects
+(`load_content_info`, `attribute`, `as_type`, ...), such as the lab CA.
 
 Parsing is tolerant of BER (indefinite lengths, constructed OCTET STRINGs), as Go SCEP servers
 send it, and strict about everything that matters: every failure is a `PeerError` carrying
@@ -17,35 +21,51 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from asn1crypto import algos, cms, core
-from asn1crypto import x509 as ax509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from agent.diagnostics import HResult
 from agent.errors import PeerError
 from agent.scep import der
 from agent.scep.ber import ber_elements, ber_octets, ber_to_der_lengths
 from agent.scep.capabilities import ContentCipher
-from keystores.base import HashAlg, KeyHandle, KeyStoreError, Padding
+from keystores.base import HashAlg, KeyHandle
+
+if TYPE_CHECKING:
+    from asn1crypto import cms, core
+    from asn1crypto import x509 as ax509
+
+    from agent.scep.cmsread import (
+        VerifiedSignedData,
+        certs_from_degenerate,
+        open_envelope,
+        verify_signed_data,
+    )
+
+__all__ = ["VerifiedSignedData", "ber_elements", "ber_octets", "ber_to_der_lengths",
+           "certs_from_degenerate", "open_envelope", "verify_signed_data"]
+_READERS = frozenset({"VerifiedSignedData", "certs_from_degenerate", "open_envelope",
+                      "verify_signed_data"})
+
+
+def __getattr__(name: str) -> Any:
+    """The reading side lives in `agent.scep.cmsread` (PEP 562: imported on first use)."""
+    if name in _READERS:
+        from agent.scep import cmsread
+
+        return getattr(cmsread, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 RandomBytes = Callable[[int], bytes]
 
-# asn1crypto names of the content-encryption algorithms SCEP uses (RFC 8894 §3.5.2).
-_CIPHER_NAMES: dict[ContentCipher, str] = {
-    ContentCipher.DES: "des", ContentCipher.DES3: "tripledes_3key",
-    ContentCipher.AES128: "aes128_cbc", ContentCipher.AES192: "aes192_cbc",
-    ContentCipher.AES256: "aes256_cbc",
-}
-_CIPHER_BY_NAME = {v: k for k, v in _CIPHER_NAMES.items()}
+# asn1crypto's digest names (signature_algorithm_for builds its objects by name).
 _DIGEST_NAMES: dict[HashAlg, str] = {HashAlg.SHA1: "sha1", HashAlg.SHA256: "sha256",
                                      HashAlg.SHA384: "sha384", HashAlg.SHA512: "sha512"}
-_DIGEST_BY_NAME = {v: k for k, v in _DIGEST_NAMES.items()}
 _HASHES: dict[HashAlg, Callable[[], hashes.HashAlgorithm]] = {
     HashAlg.SHA1: hashes.SHA1, HashAlg.SHA256: hashes.SHA256,
     HashAlg.SHA384: hashes.SHA384, HashAlg.SHA512: hashes.SHA512}
@@ -79,13 +99,15 @@ def asn1_errors(what: str) -> Iterator[None]:
 
 def as_type(value: core.Asn1Value, spec: type[core.Asn1Value]) -> core.Asn1Value:
     """An attribute value as `spec`: asn1crypto types the attributes it knows, others are Any."""
+    from asn1crypto import core
+
     if isinstance(value, core.Any):
         return value.parse(spec)
     return value
 
 
-def load_content_info(data: bytes, what: str) -> cms.ContentInfo:
-    """Parse a ContentInfo fully enough that structural errors surface here."""
+def check_start(data: bytes, what: str) -> None:
+    """Refuse at once what cannot be CMS at all: nothing, or not a SEQUENCE."""
     if not data:
         raise PeerError(f"{what} is empty", hresult=HResult.CRYPT_E_ASN1_EOD)
     if data[0] != 0x30:  # a ContentInfo is a SEQUENCE; anything else is not CMS at all
@@ -95,6 +117,13 @@ def load_content_info(data: bytes, what: str) -> cms.ContentInfo:
         raise PeerError(f"{what} is not DER: it starts with {shown!r}, not a SEQUENCE",
                         hresult=HResult.CRYPT_E_ASN1_BADTAG,
                         advice="the server answered something else than a PKCS#7 message")
+
+
+def load_content_info(data: bytes, what: str) -> cms.ContentInfo:
+    """Parse a ContentInfo with asn1crypto, fully enough that structural errors surface here."""
+    from asn1crypto import cms
+
+    check_start(data, what)
     with asn1_errors(what):
         info = cms.ContentInfo.load(ber_to_der_lengths(data), strict=True)
         _ = info["content_type"].native
@@ -103,6 +132,7 @@ def load_content_info(data: bytes, what: str) -> cms.ContentInfo:
 
 
 def to_asn1_cert(cert: x509.Certificate) -> ax509.Certificate:
+    from asn1crypto import x509 as ax509
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return ax509.Certificate.load(cert.public_bytes(Encoding.DER))
@@ -112,10 +142,14 @@ def to_asn1_cert(cert: x509.Certificate) -> ax509.Certificate:
 
 def attribute(oid: str, value: core.Asn1Value) -> cms.CMSAttribute:
     """One signed attribute with a single value (SCEP's attributes are single-valued)."""
+    from asn1crypto import cms
+
     return cms.CMSAttribute({"type": oid, "values": [value]})
 
 
 def signature_algorithm_for(handle: KeyHandle, digest_alg: HashAlg) -> cms.SignedDigestAlgorithm:
+    from asn1crypto import cms
+
     from keystores.base import KeyAlgorithm
 
     if handle.spec.algorithm is KeyAlgorithm.EC:
@@ -291,247 +325,3 @@ def decrypt_content(ciphertext: bytes, cipher: ContentCipher, key: bytes, iv: by
         raise PeerError("the decrypted content has invalid padding (wrong key or corrupted "
                         "ciphertext)", hresult=HResult.NTE_BAD_DATA)
     return plain[:-pad]
-
-
-def _encrypted_content(eci_contents: bytes, what: str) -> tuple[ContentCipher, bytes, bytes]:
-    """Cipher, IV and ciphertext of an EncryptedContentInfo, read at the TLV level.
-
-    Go's pkcs7 (micromdm) sends encryptedContent as a *constructed* [0] IMPLICIT OCTET STRING,
-    which asn1crypto's implicit-tagging code rejects, so the three fields are walked here.
-    """
-    elements = ber_elements(eci_contents)
-    if len(elements) < 2:
-        raise PeerError(f"{what} has an incomplete EncryptedContentInfo",
-                        hresult=HResult.CRYPT_E_BAD_MSG)
-    alg = algos.EncryptionAlgorithm.load(elements[1][4])
-    alg_name = alg["algorithm"].native
-    if alg_name not in _CIPHER_BY_NAME:
-        raise PeerError(f"content encryption {alg['algorithm'].dotted} ({alg_name}) is not "
-                        "supported (DES, 3DES and AES-CBC are)",
-                        hresult=HResult.CRYPT_E_UNKNOWN_ALGO)
-    cipher = _CIPHER_BY_NAME[alg_name]
-    iv = alg["parameters"].native
-    if not isinstance(iv, bytes):
-        raise PeerError(f"{cipher.value} without an IV", hresult=HResult.NTE_BAD_DATA)
-    content = next((e for e in elements[2:] if e[0] == 2 and e[2] == 0), None)
-    if content is None:
-        raise PeerError(f"{what} has no encrypted content", hresult=HResult.CRYPT_E_BAD_MSG)
-    return cipher, iv, ber_octets(content[1], content[3])
-
-
-# --- EnvelopedData: open --------------------------------------------------------------------
-
-def _rid_matches(rid: cms.RecipientIdentifier, cert: x509.Certificate) -> bool:
-    """Does a RecipientIdentifier / SignerIdentifier name `cert`?
-
-    issuerAndSerialNumber compares the issuer's DER first (the usual case, cheap) and falls
-    back to RFC 5280 §7.1 name comparison (case and space folding) only when the bytes differ.
-    """
-    if rid.name == "issuer_and_serial_number":
-        ias = rid.chosen
-        if ias["serial_number"].native != cert.serial_number:
-            return False
-        if ias["issuer"].dump() == cert.issuer.public_bytes():
-            return True
-        return bool(ias["issuer"] == to_asn1_cert(cert).issuer)
-    try:
-        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
-        return False
-    return bool(rid.chosen.native == ski)
-
-
-def open_envelope(data: bytes, handle: KeyHandle, recipient_cert: x509.Certificate,
-                  what: str = "the pkcsPKIEnvelope") -> bytes:
-    """Decrypt an EnvelopedData addressed to `recipient_cert` with `handle`'s private key."""
-    info = load_content_info(data, what)
-    with asn1_errors(what):
-        if info["content_type"].native != "enveloped_data":
-            raise PeerError(f"{what} is a {info['content_type'].native}, not envelopedData",
-                            hresult=HResult.CRYPT_E_INVALID_MSG_TYPE)
-        env = info["content"]
-        ktri = None
-        for ri in env["recipient_infos"]:
-            if ri.name == "ktri" and _rid_matches(ri.chosen["rid"], recipient_cert):
-                ktri = ri.chosen
-                break
-        if ktri is None:
-            raise PeerError(f"{what} is not encrypted to our certificate (serial "
-                            f"{recipient_cert.serial_number:x}, issuer "
-                            f"{recipient_cert.issuer.rfc4514_string()})",
-                            hresult=HResult.CRYPT_E_RECIPIENT_NOT_FOUND)
-        kea = ktri["key_encryption_algorithm"]
-        kea_name = kea["algorithm"].native
-        oaep_hash = HashAlg.SHA1
-        if kea_name == "rsaes_pkcs1v15":
-            pad = Padding.PKCS1V15
-        elif kea_name == "rsaes_oaep":
-            pad = Padding.OAEP
-            params = kea["parameters"]
-            if params.native is not None:
-                hash_name = params["hash_algorithm"]["algorithm"].native
-                if hash_name not in _DIGEST_BY_NAME:
-                    raise PeerError(f"RSAES-OAEP with {hash_name} is not supported",
-                                    hresult=HResult.CRYPT_E_UNKNOWN_ALGO)
-                oaep_hash = _DIGEST_BY_NAME[hash_name]
-                mgf_hash = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
-                if mgf_hash != hash_name:
-                    # Key stores (TPM, CNG) implement OAEP with MGF1 over the same hash only.
-                    raise PeerError(f"RSAES-OAEP with {hash_name} and MGF1-{mgf_hash} is not "
-                                    "supported (MGF1 must use the OAEP hash)",
-                                    hresult=HResult.CRYPT_E_UNKNOWN_ALGO)
-        else:
-            raise PeerError(f"key transport {kea['algorithm'].dotted} ({kea_name}) is not "
-                            "supported (RSA PKCS#1 v1.5 and RSAES-OAEP are)",
-                            hresult=HResult.CRYPT_E_UNKNOWN_ALGO)
-        encrypted_key = ktri["encrypted_key"].native
-        cipher, iv, ciphertext = _encrypted_content(env["encrypted_content_info"].contents,
-                                                    what)
-    try:
-        key = handle.decrypt(encrypted_key, pad, oaep_hash)
-    except KeyStoreError as exc:
-        if exc.hresult != HResult.NTE_BAD_DATA:
-            raise
-        raise PeerError(f"cannot decrypt the content-encryption key of {what}: {exc.message}",
-                        hresult=HResult.NTE_BAD_DATA) from None
-    except ValueError as exc:
-        raise PeerError(f"cannot decrypt the content-encryption key of {what}: {exc}",
-                        hresult=HResult.NTE_BAD_DATA) from None
-    return decrypt_content(ciphertext, cipher, key, iv)
-
-
-# --- SignedData: verify ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class VerifiedSignedData:
-    """A SignedData whose single signature was checked against a trusted certificate."""
-
-    content: bytes
-    signer: x509.Certificate
-    digest_alg: HashAlg
-    attributes: dict[str, core.Asn1Value] = field(repr=False)  # dotted OID -> first value
-
-
-def _find_signer(sid: cms.SignerIdentifier,
-                 candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
-    for cand in candidates:
-        if _rid_matches(sid, cand):  # SignerIdentifier has the same two choices
-            return cand
-    return None
-
-
-def _verify_signature(cert: x509.Certificate, signature: bytes, data: bytes,
-                      sig_alg: cms.SignedDigestAlgorithm, digest_alg: HashAlg) -> bool:
-    public = cert.public_key()
-    hash_obj = _HASHES[digest_alg]()
-    name = sig_alg["algorithm"].native
-    try:
-        if isinstance(public, rsa.RSAPublicKey):
-            if name == "rsassa_pss":
-                params = sig_alg["parameters"]
-                salt = params["salt_length"].native
-                pss = padding.PSS(mgf=padding.MGF1(hash_obj), salt_length=salt)
-                public.verify(signature, data, pss, hash_obj)
-            else:
-                public.verify(signature, data, padding.PKCS1v15(), hash_obj)
-        elif isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, data, ec.ECDSA(hash_obj))
-        else:
-            return False
-    except (InvalidSignature, ValueError):
-        return False
-    return True
-
-
-def verify_signed_data(data: bytes, trusted: Sequence[x509.Certificate],
-                       what: str = "the CertRep") -> VerifiedSignedData:
-    """Check a SignedData's one SignerInfo against `trusted` (the GetCACert certificates).
-
-    A signer certificate embedded in the message is never trusted by itself: the signer must
-    be one of the certificates the CAThumbprint-checked GetCACert returned. Which of those may
-    sign (key usage) is decided when GetCACert is parsed (`cacerts.assign_roles`): a CA
-    without RA signs with its CA certificate whatever its key usage says (micromdm's has
-    only keyCertSign/cRLSign), as every SCEP client accepts.
-    """
-    info = load_content_info(data, what)
-    with asn1_errors(what):
-        if info["content_type"].native != "signed_data":
-            raise PeerError(f"{what} is a {info['content_type'].native}, not signedData",
-                            hresult=HResult.CRYPT_E_INVALID_MSG_TYPE)
-        signed = info["content"]
-        signer_infos = list(signed["signer_infos"])
-        if len(signer_infos) != 1:
-            raise PeerError(f"{what} has {len(signer_infos)} signers, SCEP requires one",
-                            hresult=HResult.CRYPT_E_SIGNER_NOT_FOUND)
-        si = signer_infos[0]
-        signer = _find_signer(si["sid"], trusted)
-        if signer is None:
-            sid = si["sid"]
-            who = (f"issuer {sid.chosen['issuer'].human_friendly}, serial "
-                   f"{sid.chosen['serial_number'].native:x}"
-                   if sid.name == "issuer_and_serial_number"
-                   else f"key id {sid.chosen.native.hex()}")
-            raise PeerError(f"{what} is signed by a certificate ({who}) that is not one of "
-                            "the CA/RA certificates from GetCACert",
-                            hresult=HResult.CRYPT_E_SIGNER_NOT_FOUND)
-        digest_name = si["digest_algorithm"]["algorithm"].native
-        if digest_name not in _DIGEST_BY_NAME:
-            raise PeerError(f"{what} uses digest {digest_name}, which is not accepted",
-                            hresult=HResult.NTE_BAD_ALGID)
-        digest_alg = _DIGEST_BY_NAME[digest_name]
-        raw_attrs = si["signed_attrs"]
-        if not raw_attrs.contents:
-            raise PeerError(f"{what} has no signed attributes",
-                            hresult=HResult.CRYPT_E_AUTH_ATTR_MISSING)
-        attrs: dict[str, core.Asn1Value] = {}
-        for attr in raw_attrs:
-            values = attr["values"]
-            if len(values) != 1:
-                raise PeerError(f"{what}: attribute {attr['type'].dotted} has "
-                                f"{len(values)} values, one expected",
-                                hresult=HResult.CRYPT_E_BAD_MSG)
-            attrs[attr["type"].dotted] = values[0]
-        econtent = signed["encap_content_info"]["content"]
-        content = b"" if econtent.native is None else bytes(econtent.native)
-        signature = si["signature"].native
-        # The signature covers the attributes with the SET OF tag (RFC 5652 §5.4). Take the
-        # bytes as received (re-tagged) so BER-encoding signers verify too; fall back to DER.
-        received = raw_attrs.dump()
-        as_set = b"\x31" + received[1:]
-        sig_alg = si["signature_algorithm"]
-        if not _verify_signature(signer, signature, as_set, sig_alg, digest_alg) and (
-                (reencoded := cms.CMSAttributes(list(raw_attrs)).dump(force=True)) == as_set
-                or not _verify_signature(signer, signature, reencoded, sig_alg, digest_alg)):
-            raise PeerError(f"the signature of {what} does not verify with the key of "
-                            f"{signer.subject.rfc4514_string()}",
-                            hresult=HResult.NTE_BAD_SIGNATURE,
-                            advice="the reply was altered or not made by this CA")
-        md = attrs.get("1.2.840.113549.1.9.4")
-        if md is None:
-            raise PeerError(f"{what} has no messageDigest attribute",
-                            hresult=HResult.CRYPT_E_AUTH_ATTR_MISSING)
-        if as_type(md, core.OctetString).native != digest(content, digest_alg):
-            raise PeerError(f"the messageDigest of {what} does not match its content",
-                            hresult=HResult.CRYPT_E_HASH_VALUE)
-    return VerifiedSignedData(content, signer, digest_alg, attrs)
-
-
-def certs_from_degenerate(data: bytes, what: str) -> tuple[list[x509.Certificate], list[bytes]]:
-    """The certificates and CRLs of a certs-only SignedData (RFC 8894 §3.4)."""
-    info = load_content_info(data, what)
-    with asn1_errors(what):
-        if info["content_type"].native != "signed_data":
-            raise PeerError(f"{what} is a {info['content_type'].native}, not signedData",
-                            hresult=HResult.CRYPT_E_INVALID_MSG_TYPE)
-        signed = info["content"]
-        raw_certs = [c.chosen.dump() for c in signed["certificates"] or []
-                     if c.name == "certificate"]
-        crls = [c.chosen.dump() for c in signed["crls"] or [] if c.name == "crl"]
-    certs: list[x509.Certificate] = []
-    for raw in raw_certs:
-        try:
-            certs.append(x509.load_der_x509_certificate(raw))
-        except ValueError as exc:
-            raise PeerError(f"{what} holds an invalid certificate: {exc}",
-                            hresult=HResult.CRYPT_E_BAD_ENCODE) from None
-    return certs, crls

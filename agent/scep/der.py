@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from functools import lru_cache
 
 
 def length(n: int) -> bytes:
@@ -34,6 +35,7 @@ def set_of(items: Iterable[bytes]) -> bytes:
     return tlv(0x31, *sorted(items))
 
 
+@lru_cache(maxsize=512)  # the same few dozen OIDs are written in every message
 def oid(dotted: str) -> bytes:
     arcs = [int(a) for a in dotted.split(".")]
     if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] >= 40):

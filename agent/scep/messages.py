@@ -16,9 +16,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
-from asn1crypto import core
-from asn1crypto import x509 as ax509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -26,9 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import PeerError
+from agent.scep import ber, der
 from agent.scep import cms as scms
-from agent.scep import der
 from agent.scep.capabilities import Algorithms
+from agent.scep.cmsread import certs_from_degenerate, open_envelope, verify_signed_data
 from agent.scep.errors import ScepFailure
 from keystores.base import HashAlg, KeyAlgorithm, KeyHandle, PublicKey
 
@@ -63,10 +63,17 @@ class PkiStatus(enum.IntEnum):
     PENDING = 3
 
 
-class IssuerAndSubject(core.Sequence):  # type: ignore[misc]
-    """RFC 8894 §3.3.3: the CertPoll message data."""
+if TYPE_CHECKING:
+    from agent.scep.asn1types import IssuerAndSubject  # noqa: F401 - re-exported
 
-    _fields = [("issuer", ax509.Name), ("subject", ax509.Name)]  # noqa: RUF012
+
+def __getattr__(name: str) -> Any:
+    """`IssuerAndSubject` (an asn1crypto schema, for the lab CA) is imported on first use."""
+    if name == "IssuerAndSubject":
+        from agent.scep.asn1types import IssuerAndSubject
+
+        return IssuerAndSubject
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def transaction_id_for(public_key: PublicKey) -> str:
@@ -151,12 +158,12 @@ def build_pki_message(message_type: MessageType, message_data: bytes, *, handle:
 
 
 def _csr_parts(csr_der: bytes) -> tuple[bytes, bytes]:
-    """(subject DER, SubjectPublicKeyInfo DER) of our own CSR."""
-    from asn1crypto import csr as acsr
-
-    req = acsr.CertificationRequest.load(csr_der)
-    info = req["certification_request_info"]
-    return info["subject"].dump(), info["subject_pk_info"].dump()
+    """(subject DER, SubjectPublicKeyInfo DER) of our own CSR (RFC 2986 §4)."""
+    request = ber.sequence(ber.one_element(csr_der), "CertificationRequest")
+    info = ber.sequence(request[0], "CertificationRequestInfo")  # version, subject, spki, ...
+    if len(info) < 3:
+        raise ValueError("CertificationRequestInfo is incomplete")
+    return info[1][4], info[2][4]
 
 
 def pkcs_req(csr_der: bytes, *, handle: KeyHandle, recipient: x509.Certificate,
@@ -262,33 +269,30 @@ class CertRep:
         return tuple(c for c in self.certificates if c is not self.issued)
 
 
-def _printable(attrs: dict[str, core.Asn1Value], oid: str, name: str) -> str | None:
+Attributes = dict[str, ber.Element]  # dotted OID -> the value (see VerifiedSignedData)
+
+
+def _printable(attrs: Attributes, oid: str, name: str) -> str | None:
+    """A PrintableString (RFC 8894 §3.2.1), UTF8String or IA5String attribute's text."""
     value = attrs.get(oid)
     if value is None:
         return None
-    for spec in (core.PrintableString, core.UTF8String, core.IA5String):
-        try:
-            text = scms.as_type(value, spec).native
-        except (ValueError, TypeError):
-            continue
-        if isinstance(text, str):
-            return text
-    raise PeerError(f"the CertRep's {name} attribute is not a string",
-                    hresult=HResult.CRYPT_E_BAD_MSG)
+    text = ber.read_string(value)
+    if text is None:
+        raise PeerError(f"the CertRep's {name} attribute is not a string",
+                        hresult=HResult.CRYPT_E_BAD_MSG)
+    return text
 
 
-def _octets(attrs: dict[str, core.Asn1Value], oid: str, name: str) -> bytes | None:
+def _octets(attrs: Attributes, oid: str, name: str) -> bytes | None:
     value = attrs.get(oid)
     if value is None:
         return None
     try:
-        octets = scms.as_type(value, core.OctetString).native
-    except (ValueError, TypeError):
-        octets = None
-    if not isinstance(octets, bytes):
+        return ber.read_octets(value)
+    except ValueError:
         raise PeerError(f"the CertRep's {name} attribute is not an OCTET STRING",
-                        hresult=HResult.CRYPT_E_BAD_MSG)
-    return octets
+                        hresult=HResult.CRYPT_E_BAD_MSG) from None
 
 
 def _require(value: str | bytes | None, name: str) -> str | bytes:
@@ -307,8 +311,8 @@ def parse_cert_rep(body: bytes, request: PendingRequest, *, trusted: Sequence[x5
     enrolment replies, the public key the issued certificate must carry.
     """
     with scms.asn1_errors("the CertRep"):
-        verified = scms.verify_signed_data(body, trusted, "the CertRep")
-        attrs = verified.attributes
+        verified = verify_signed_data(body, trusted, "the CertRep")
+        attrs = verified.raw_attributes
         mtype = _require(_printable(attrs, OID_MESSAGE_TYPE, "messageType"), "messageType")
         if mtype != str(int(MessageType.CERT_REP)):
             raise PeerError(f"the reply has messageType {mtype!r}, not CertRep (3)",
@@ -340,10 +344,10 @@ def parse_cert_rep(body: bytes, request: PendingRequest, *, trusted: Sequence[x5
             return CertRep(PkiStatus.PENDING, **common)  # type: ignore[arg-type]
         if status is PkiStatus.FAILURE:
             raise _failure(attrs)
-    inner = scms.open_envelope(verified.content, handle, request.signer_cert,
+    inner = open_envelope(verified.content, handle, request.signer_cert,
                                "the CertRep's pkcsPKIEnvelope")
-    certs, crls = scms.certs_from_degenerate(inner, "the CertRep's degenerate certificates-only "
-                                                    "message")
+    certs, crls = certs_from_degenerate(inner, "the CertRep's degenerate certificates-only "
+                                               "message")
     issued = None
     if expected_key is not None:
         issued = _issued_for(certs, expected_key)
@@ -351,7 +355,7 @@ def parse_cert_rep(body: bytes, request: PendingRequest, *, trusted: Sequence[x5
                    certificates=tuple(certs), crls=tuple(crls))
 
 
-def _failure(attrs: dict[str, core.Asn1Value]) -> ScepFailure:
+def _failure(attrs: Attributes) -> ScepFailure:
     info_text = _printable(attrs, OID_FAIL_INFO, "failInfo")
     fail_text = _printable(attrs, OID_FAIL_INFO_TEXT, "failInfoText") or ""
     fail_info: FailInfo | None = None

@@ -215,3 +215,123 @@ def test_ber_octets(method: int, contents: bytes, expected: bytes | None) -> Non
 def test_ber_octets_nested_chunks() -> None:
     inner = bytes.fromhex("2480" "040161" "040162" "0000")  # constructed in constructed
     assert scms.ber_octets(1, inner + bytes.fromhex("040163")) == b"abc"
+
+
+# --- reading: identifiers and algorithms the builders above never write ---------------------
+
+def _envelope_to(rid: bytes, cert: x509.Certificate, data: bytes, *,
+                 kea: bytes | None = None, cipher_oid: str = "2.16.840.1.101.3.4.1.2",
+                 others: bytes = b"") -> bytes:
+    """An EnvelopedData with a chosen RecipientIdentifier / algorithms (RFC 5652 §6)."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from agent.scep import der
+
+    key, iv = os.urandom(16), os.urandom(16)
+    ciphertext = scms.encrypt_content(data, ContentCipher.AES128, key, iv)
+    public = cert.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    ktri = der.seq(der.integer(2), rid, kea or der.algorithm(scms.OID_RSA_ENCRYPTION),
+                   der.octet_string(public.encrypt(key, padding.PKCS1v15())))
+    eci = der.seq(der.oid(scms.OID_DATA), der.algorithm(cipher_oid, der.octet_string(iv)),
+                  der.tlv(0x80, ciphertext))
+    body = der.seq(der.integer(2), der.tlv(0x31, others + ktri), eci)
+    return der.seq(der.oid(scms.OID_ENVELOPED_DATA), der.explicit(0, body))
+
+
+def _with_ski() -> tuple[x509.Certificate, CryptoKeyHandle, bytes]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = CryptoKeyHandle.rsa()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SKI recipient")])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(7)
+            .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=1))
+            .add_extension(ski, critical=False).sign(key.key, hashes.SHA256()))
+    return cert, key, ski.digest
+
+
+def test_recipient_named_by_subject_key_identifier() -> None:
+    from agent.scep import der
+
+    cert, key, ski = _with_ski()
+    kari = der.tlv(0xA1, der.integer(3))  # another RecipientInfo kind first: skipped
+    env = _envelope_to(der.tlv(0x80, ski), cert, b"by key id", others=kari)
+    assert scms.open_envelope(env, key, cert) == b"by key id"
+    other = _envelope_to(der.tlv(0x80, b"\x01" * 20), cert, b"x")
+    with pytest.raises(PeerError) as err:
+        scms.open_envelope(other, key, cert)
+    assert err.value.hresult == HResult.CRYPT_E_RECIPIENT_NOT_FOUND
+
+
+def test_issuer_encoded_otherwise_still_names_the_certificate() -> None:
+    """RFC 5280 §7.1: another string type and case in the issuer is the same name."""
+    from agent.scep import der
+
+    ca = make_ca("Test SCEP CA")  # cryptography writes UTF8String
+    issuer = ca.cert.issuer.public_bytes()
+    assert b"\x0c\x0cTest SCEP CA" in issuer
+    folded = issuer.replace(b"\x0c\x0cTest SCEP CA", b"\x13\x0ctest scep ca")
+    rid = der.seq(folded, der.integer(ca.cert.serial_number))
+    assert scms.open_envelope(_envelope_to(rid, ca.cert, b"folded"), ca.key, ca.cert) == \
+        b"folded"
+    signed = _signed(ca.key, ca.cert)
+    at = signed.rfind(issuer)  # the SignerInfo's sid comes after the certificate
+    assert scms.verify_signed_data(signed[:at] + folded + signed[at + len(issuer):],
+                                   [ca.cert]).signer == ca.cert
+
+
+@pytest.mark.parametrize(("kea", "text"), [
+    ("oaep-sha256-mgf1-sha1", "MGF1 must use the OAEP hash"),
+    ("oaep-sha224", "RSAES-OAEP with sha224 is not supported"),
+    ("rsa-kem", "key transport 1.2.840.113549.1.9.16.3.14 (1.2.840.113549.1.9.16.3.14) is "
+                "not supported"),
+    ("aes-gcm", "content encryption 2.16.840.1.101.3.4.1.6 (aes128_gcm) is not supported"),
+])
+def test_unsupported_algorithms_are_named(kea: str, text: str) -> None:
+    from agent.scep import der
+
+    rcpt = make_cert("Recipient")
+    sha1, sha224, sha256 = (der.algorithm(o) for o in (
+        "1.3.14.3.2.26", "2.16.840.1.101.3.4.2.4", "2.16.840.1.101.3.4.2.1"))
+
+    def mgf(hash_alg: bytes) -> bytes:
+        return der.explicit(1, der.seq(der.oid(scms.OID_MGF1), hash_alg))
+
+    algs = {"oaep-sha256-mgf1-sha1": der.algorithm(scms.OID_RSAES_OAEP, der.seq(
+                der.explicit(0, sha256), mgf(sha1))),
+            "oaep-sha224": der.algorithm(scms.OID_RSAES_OAEP, der.seq(
+                der.explicit(0, sha224), mgf(sha224))),
+            "rsa-kem": der.algorithm("1.2.840.113549.1.9.16.3.14"), "aes-gcm": None}
+    rid = der.seq(rcpt.cert.issuer.public_bytes(), der.integer(rcpt.cert.serial_number))
+    cipher_oid = "2.16.840.1.101.3.4.1.6" if kea == "aes-gcm" else "2.16.840.1.101.3.4.1.2"
+    env = _envelope_to(rid, rcpt.cert, b"x", kea=algs[kea], cipher_oid=cipher_oid)
+    with pytest.raises(PeerError) as err:
+        scms.open_envelope(env, rcpt.key, rcpt.cert)
+    assert err.value.hresult == HResult.CRYPT_E_UNKNOWN_ALGO
+    assert text in err.value.message
+
+
+def test_attributes_for_asn1crypto_users_and_raw_for_the_client() -> None:
+    ca = make_ca()
+    v = scms.verify_signed_data(_signed(ca.key, ca.cert), [ca.cert])
+    assert v.raw_attributes["2.16.840.1.113733.1.9.2"][3] == b"3"  # PrintableString "3"
+    assert isinstance(v.attributes["1.2.840.113549.1.9.4"], core.OctetString)  # typed
+    assert set(v.attributes) == set(v.raw_attributes)
+
+
+def test_the_client_path_imports_no_asn1crypto() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys, agent.scep.enroll, agent.scep.messages, agent.scep.cmsread; "
+            "print([m for m in sys.modules if m.startswith('asn1crypto')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.strip()
+    assert out == "[]"
