@@ -58,12 +58,13 @@ log = logging.getLogger("dmagent.cli")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The `dmagent` parser. With `argv`, only the subcommand it names is built in full.
+    """The `dmagent` parser. With `argv`, only the subcommand it names is built.
 
-    Building a subcommand imports its module; importing all fourteen costs tens of
-    milliseconds at every start, so when `argv` names a command (and asks for no top-level
-    help) the others are registered as cheap placeholders that accept anything. `main`
-    re-parses with the full parser should the guess ever differ from what argparse decided.
+    Building a subcommand imports its module, and every parser costs gettext look-ups:
+    building all fourteen costs tens of milliseconds at every start. So when `argv` names a
+    command (and asks for no top-level help, which lists them all) only that one is built,
+    and the top-level parser raises ArgumentError instead of exiting on its own errors:
+    `main` then parses again with the full parser, which reports them as always.
     """
     chosen = chosen_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
@@ -71,7 +72,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="A device-side MDM agent that behaves like the Windows MDM client: "
                     "OMA-DM (SyncML, MS-MDM) sessions, ClientCertificateInstall SCEP "
                     "enrollment with TPM or software keys, Windows-style diagnostics.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        exit_on_error=chosen is None)
     parser.add_argument("--version", action="version", version=f"dmagent {__version__}")
     parser.add_argument("-c", "--config", type=_path, metavar="FILE",
                         help="TOML config file (default: $DMAGENT_CONFIG, then the "
@@ -84,8 +86,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, summary in COMMANDS.items():
         if chosen is not None and name != chosen:
-            p = sub.add_parser(name, help=summary, add_help=False)
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             continue
         module_name = COMMAND_MODULES.get(name, f"agent.commands.{name}")
         try:
@@ -159,9 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.logsetup import setup_logging
 
     argv_list = translate_switches(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser(argv_list)
-    args = parser.parse_args(argv_list)
-    if not hasattr(args, "func"):  # the command guessed was not the one argparse chose
+    try:
+        args = build_parser(argv_list).parse_args(argv_list)
+    except argparse.ArgumentError:  # not what the command guessed from argv expected
+        args = None
+    if args is None or not hasattr(args, "func"):
         args = build_parser().parse_args(argv_list)
     setup_logging(verbose=args.verbose)
     app = App(args)

@@ -43,12 +43,20 @@ def test_only_the_chosen_command_module_is_imported() -> None:
     assert out == "['agent.commands.base', 'agent.commands.scep']"
 
 
-def test_help_lists_every_command_either_way() -> None:
-    full = cli.build_parser().format_help()
-    lean = cli.build_parser(["scep"]).format_help()
-    for name in cli.COMMANDS:
-        assert f"    {name} " in full
-        assert f"    {name} " in lean
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["-h", "scep"], ["-vh"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert all(f"    {name} " in out for name in cli.COMMANDS), argv
+
+
+def test_errors_are_reported_by_the_full_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bogus"])
+    assert done.value.code == 2
+    assert "invalid choice: 'bogus' (choose from 'sync', 'run'" in capsys.readouterr().err
 
 
 def test_a_wrong_guess_is_parsed_again_in_full(monkeypatch: pytest.MonkeyPatch,
