@@ -362,7 +362,7 @@ class BlockingHttp:
             try:
                 if conn.sock is None:
                     try:
-                        conn.connect()
+                        self._connect(conn, scheme, host, port)
                     except (OSError, http.client.HTTPException) as exc:
                         self._drop(scheme, host, port)
                         raise transport_error(exc, shown, peer, connecting=True) from None
@@ -375,6 +375,22 @@ class BlockingHttp:
                 if reused and method in ("GET", "HEAD") and isinstance(exc, _RETRYABLE):
                     continue  # the server closed the idle connection: once more on a new one
                 raise transport_error(exc, shown, peer) from None
+
+    def _connect(self, conn: Any, scheme: str, host: str, port: int | None) -> None:
+        """What HTTP(S)Connection.connect does, resolving an ASCII host name as bytes: a str
+        makes getaddrinfo load the idna codec (and unicodedata), ~2.5 ms of a command."""
+        name: Any = host.encode("ascii") if host.isascii() else host  # getaddrinfo takes both
+        sock = socket.create_connection(
+            (name, port or (443 if scheme == "https" else 80)), self._timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                assert self._tls is not None
+                sock = self._tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        conn.sock = sock
 
     def _drop(self, scheme: str, host: str, port: int | None) -> None:
         conn = self._conns.pop((scheme, host, port), None)
