@@ -64,7 +64,7 @@ class PkiStatus(enum.IntEnum):
 
 
 if TYPE_CHECKING:
-    from agent.scep.asn1types import IssuerAndSubject  # noqa: F401 - re-exported
+    from agent.scep.asn1types import IssuerAndSubject as IssuerAndSubject
 
 
 def __getattr__(name: str) -> Any:
