@@ -64,7 +64,7 @@ class PkiStatus(enum.IntEnum):
 
 
 if TYPE_CHECKING:
-    from agent.scep.asn1types import IssuerAndSubject as IssuerAndSubject
+    from agent.scep.asn1types import IssuerAndSubject
 
 
 def __getattr__(name: str) -> Any:
@@ -398,6 +398,6 @@ def _issued_for(certs: Sequence[x509.Certificate], public_key: PublicKey) -> x50
                     advice="nothing was installed; the CA issued a certificate for another key")
 
 
-__all__ = ["CertRep", "MessageType", "PendingRequest", "PkiStatus", "cert_poll",
+__all__ = ["CertRep", "IssuerAndSubject", "MessageType", "PendingRequest", "PkiStatus", "cert_poll",
            "get_cert", "get_crl", "parse_cert_rep", "pkcs_req", "renewal_req",
            "transaction_id_for", "transient_certificate"]
