@@ -51,6 +51,8 @@ exit codes:
 # Commands implemented outside agent/commands (the CLI is the composition root).
 COMMAND_MODULES: dict[str, str] = {"run": "service.commands", "fleet": "service.fleet"}
 
+LONG_RUNNING = frozenset({"run", "fleet"})
+
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -166,6 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args is None or not hasattr(args, "func"):
         args = build_parser().parse_args(argv_list)
     setup_logging(verbose=args.verbose)
+    if args.command not in LONG_RUNNING:
+        # When the process ends, Python's final garbage collections walk every object the
+        # imports left (cryptography, dataclasses, typing: ~25 ms of a 200 ms `scep enroll`).
+        # A one-shot command has closed what it opened by then, so exempt them (gc.freeze).
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
     app = App(args)
     try:
         return int(args.func(args, app))

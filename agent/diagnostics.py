@@ -10,9 +10,11 @@ as -2145844844). `certutil -error` accepts either form; so does `dmagent error`.
 from __future__ import annotations
 
 import enum
-import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uuid
 
 FACILITY_WIN32 = 7
 FACILITY_HTTP = 0x19  # 0x8019xxxx: WinHTTP/WinINet status codes (HTTP_E_STATUS_*)
@@ -416,7 +418,11 @@ def ev_install_from_reg(unique_id: str, thumbprint: str, respondent: str, status
                         retry_count: int, result: int,
                         correlation: uuid.UUID | None = None) -> EventRecord:
     """309: SCEP: InstallFromRegEntries ... Install Status / Current Retry Count / Result."""
-    corr = "{" + str(correlation or uuid.uuid4()).upper() + "}"
+    if correlation is None:
+        import uuid  # on use: its import (with `platform`) costs every CLI start ~3 ms
+
+        correlation = uuid.uuid4()
+    corr = "{" + str(correlation).upper() + "}"
     msg = (f"SCEP: InstallFromRegEntries. CorrelationGuid : ({corr}) UniqueId : ({unique_id}) "
            f"Certificate Thumbprint : ({thumbprint}) Respondent Server : ({respondent}) "
            f"Install Status : (0x{status:x}) Current Retry Count :  (0x{retry_count:x}) "

@@ -158,16 +158,9 @@ def _drive(args: argparse.Namespace, cfg: ScepConfig,
     command importing asyncio and httpx (more than its whole conversation with the CA costs).
     The protocol code is the one the daemon runs on asyncio.
     """
-    import atexit
-    import gc
-
     from agent.scep.client import make_blocking_http
     from agent.scep.inline import run_inline
 
-    # When the process ends, Python's final garbage collections walk every object the
-    # imports left (cryptography, dataclasses, typing...: ~25 ms of a 200 ms command here).
-    # A one-shot command has closed what it opened by then, so exempt them (gc.freeze).
-    atexit.register(gc.freeze)
     with make_blocking_http(cfg, verify=not args.insecure) as http:
         return run_inline(job(http))
 
