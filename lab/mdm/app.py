@@ -17,19 +17,15 @@ import hmac
 import json
 import time
 import traceback
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+from lab.asgi import BodyTooLarge, Receive, Scope, Send, read_body
 from lab.control import ControlError, ControlNotFound, LocalControl, dumps
 from lab.labdir import LabDir
 from lab.mdm.engine import MdmEngine
 from lab.state import LabState
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -60,8 +56,9 @@ class LabApp:
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path = raw_path.decode("latin-1").split("?", 1)[0]
         method = scope["method"]
-        body = await _read_body(receive)
-        if body is None:
+        try:
+            body = await read_body(receive, MAX_BODY)
+        except BodyTooLarge:
             await _respond(send, 413, b"request body too large\n", "text/plain")
             return
         lowered = path.lower().rstrip("/")
@@ -163,22 +160,6 @@ def _host(scope: Scope) -> str:
     server = scope.get("server") or ("127.0.0.1", 443)
     return f"{server[0]}:{server[1]}"
 
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: str,

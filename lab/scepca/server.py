@@ -23,9 +23,9 @@ import logging
 import re
 import urllib.parse
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+from lab.asgi import BodyTooLarge, Receive, Scope, Send, read_body
 from lab.scepca import protocol as proto
 from lab.scepca.config import Mode
 from lab.scepca.db import Status
@@ -34,10 +34,6 @@ from lab.scepca.service import Reply, ScepService
 
 log = logging.getLogger("lab.scepca.http")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _OPERATIONS = {"getcacaps": "GetCACaps", "getcacert": "GetCACert",
                "pkioperation": "PKIOperation"}
@@ -132,8 +128,8 @@ class ScepCAApp:
         if method == "POST":
             limit = self.service.config.max_body
             try:
-                body = await _read_body(receive, limit)
-            except _TooLarge:
+                body = await read_body(receive, limit)
+            except BodyTooLarge:
                 await _respond(send, 413, "text/html", error_page(413))
                 return
             if body[:1] != b"\x30":  # some clients POST base64
@@ -257,8 +253,8 @@ class ScepCAApp:
         method = scope["method"].upper()
         parts = [p for p in path.split("/") if p][1:]  # after "lab-ca"
         try:
-            body = await _read_body(receive, 1 << 16)
-        except _TooLarge:
+            body = await read_body(receive, 1 << 16)
+        except BodyTooLarge:
             await _json(send, 413, {"error": "body too large"})
             return
         try:
@@ -313,26 +309,6 @@ class ScepCAApp:
             return row.as_dict()
         raise LookupError(f"no control action {method} /lab-ca/{'/'.join(parts)}")
 
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
 
 
 async def _disconnected(receive: Receive) -> None:
