@@ -42,15 +42,14 @@ class SyncResult:
 
 class DeviceRuntime:
     def __init__(self, ctx: DeviceContext, scheduler: AsyncIOScheduler, *,
-                 clock: Callable[[], float] = time.time,
-                 transport_factory: Callable[[DeviceContext], Any] | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.ctx = ctx
         self.scheduler = scheduler
         self.clock = clock
-        self.transport_factory = transport_factory
         self.name = ctx.device.device_id
         self._sync_lock = asyncio.Lock()
         self._sync_again = False
+        self._last_results: list[SyncResult] = []
         self.syncs_done = 0
         self.outcomes: list[AttemptOutcome] = []
 
@@ -125,12 +124,13 @@ class DeviceRuntime:
             self._sync_again = True
             async with self._sync_lock:  # wait for the running sync and the one after it
                 pass
-            return []
+            return self._last_results  # the run that covered this request
         async with self._sync_lock:
             results = await self._sync_all(scheduled)
             while self._sync_again:
                 self._sync_again = False
                 results = await self._sync_all(False)
+            self._last_results = results
         return results
 
     async def _sync_all(self, scheduled: bool) -> list[SyncResult]:
@@ -150,8 +150,7 @@ class DeviceRuntime:
         if scheduled:
             self._count_poll(enrollment)
         try:
-            transport = (self.transport_factory(self.ctx) if self.transport_factory else
-                         HttpTransport(TransportOptions.from_config(self.ctx.config.server)))
+            transport = HttpTransport(TransportOptions.from_config(self.ctx.config.server))
             async with transport:
                 summary = await run_session(self.ctx, enrollment,
                                             tree_executor(self.ctx, enrollment), transport)
@@ -160,14 +159,12 @@ class DeviceRuntime:
             log.warning("%s: sync with %s failed: %s", self.name, enrollment.server_url,
                         exc.message)
             return SyncResult(enrollment.enrollment_id, False, error=exc.message)
-        failure = getattr(summary, "failure", None)
-        ok = failure is None
-        detail = "ok" if ok else str(getattr(failure, "message", failure))
+        ok = summary.failure is None
+        detail = "ok" if summary.failure is None else summary.failure.message
         store.record_session(enrollment, ok, self.clock(), detail)
-        as_dict = summary.as_dict() if hasattr(summary, "as_dict") else {}
         log.info("%s: sync with %s %s", self.name, enrollment.server_url,
                  "completed" if ok else f"failed: {detail}")
-        return SyncResult(enrollment.enrollment_id, ok, as_dict, "" if ok else detail)
+        return SyncResult(enrollment.enrollment_id, ok, summary.as_dict(), "" if ok else detail)
 
     def _count_poll(self, enrollment: Enrollment) -> None:
         from agent.enrollment import conn_info_key
