@@ -52,7 +52,10 @@ def oid(dotted: str) -> bytes:
 
 
 def integer(value: int) -> bytes:
-    size = value.bit_length() // 8 + 1  # room for the sign bit
+    # X.690 §8.3.2: minimal two's complement.  For a negative value the
+    # magnitude that needs bits is ~value (e.g. -128 fits in one octet, 0x80).
+    magnitude = value if value >= 0 else ~value
+    size = magnitude.bit_length() // 8 + 1  # room for the sign bit
     return tlv(0x02, value.to_bytes(size, "big", signed=True))
 
 
