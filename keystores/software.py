@@ -133,10 +133,20 @@ def spec_from_json(data: bytes, key_id: str) -> tuple[KeySpec, dict[str, Any]]:
     return spec, meta
 
 
-def _generate(spec: KeySpec) -> PrivateKey:
+def generate_private_key(spec: KeySpec) -> PrivateKey:
+    """A new private key for `spec`, not stored anywhere yet: `SoftwareKeyStore.create(spec,
+    private_key=...)` stores it. Split out so a caller can make the key (the CPU-heavy part,
+    which releases the GIL) in a worker while it is still opening the store."""
+    check_spec_shape(spec)
     if spec.algorithm is KeyAlgorithm.RSA:
         return rsa.generate_private_key(public_exponent=65537, key_size=spec.size)
     return ec.generate_private_key(_CURVES[spec.size]())
+
+
+def _spec_matches(key: PrivateKey, spec: KeySpec) -> bool:
+    if spec.algorithm is KeyAlgorithm.RSA:
+        return isinstance(key, rsa.RSAPrivateKey) and key.key_size == spec.size
+    return isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size == spec.size
 
 
 class SoftwareKeyHandle:
@@ -237,9 +247,17 @@ class SoftwareKeyStore:
     def check(self, spec: KeySpec) -> None:
         check_spec_shape(spec)
 
-    def create(self, spec: KeySpec) -> SoftwareKeyHandle:
+    def create(self, spec: KeySpec, *, private_key: PrivateKey | None = None) -> SoftwareKeyHandle:
+        """Make a key for `spec` and store it; or store `private_key`, made beforehand by
+        `generate_private_key(spec)` (it must match the spec)."""
         self.check(spec)
-        key = _generate(spec)  # CPU-heavy, outside any lock (there is none)
+        if private_key is None:
+            key = generate_private_key(spec)  # CPU-heavy, outside any lock (there is none)
+        elif _spec_matches(private_key, spec):
+            key = private_key
+        else:
+            raise KeyStoreError(f"the key given does not match {spec.algorithm.value}-{spec.size}",
+                                hresult=NTE_INVALID_PARAMETER)
         key_id = key_id_for(key.public_key())
         password = secrets.token_urlsafe(32).encode()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from agent.config import ScepConfig
     from agent.httpio import BlockingHttp
     from agent.scep.enroll import EnrollOptions, EnrollResult
-    from keystores.base import KeyHandle, KeyStore
+    from keystores.base import KeyHandle, KeySpec, KeyStore
 
 CHALLENGE_ENV = "DMAGENT_SCEP_CHALLENGE"
 _CIPHERS = ("des-cbc", "3des-cbc", "aes128-cbc", "aes192-cbc", "aes256-cbc")
@@ -321,49 +321,99 @@ def run_getcacert(args: argparse.Namespace, app: App) -> int:
 # --- enroll / renew -------------------------------------------------------------------------
 
 def run_enroll(args: argparse.Namespace, app: App) -> int:
-    from agent.csr import validate_request
-    from agent.errors import LocalError
     from keystores.base import KeyAlgorithm, KeySpec
 
-    if args.out_key and args.keystore != "software":
-        raise LocalError("--out-key works with the software key store only: a TPM key "
-                         "never leaves the TPM")
-    key_password = _key_password(args) if args.out_key else None
-    challenge = read_challenge(args)
-    csr = _csr_request(args, challenge, args.subject)
-    validate_request(csr)  # a bad profile value must not cost a key
-    store = _key_store(args, app)
     spec = KeySpec(KeyAlgorithm.RSA, args.key_length, exportable=bool(args.out_key),
                    label="dmagent scep enroll")
-    store.check(spec)
-    # The key is made in a worker thread while this thread imports the SCEP and HTTP stack
-    # and asks GetCACaps/GetCACert (which need no key): RSA generation releases the GIL (and a
-    # TPM create waits on the TPM), so start-up, key generation and the first round trips
-    # overlap instead of adding up. The key is awaited when the CSR is built.
-    from agent.scep.inline import Background, Waiting
-
-    pending_key = Background(store.create, spec, name="keygen")
-    options = _options(args, csr)
-    cfg = _scep_config(args, app)
-
-    async def run(http: BlockingHttp) -> EnrollResult:
-        return await _enroll(http, cfg, options, Waiting(pending_key))
-
+    # The key is made first, in a worker thread, while this thread reads the config, opens
+    # the key store, imports the SCEP and HTTP stack and asks GetCACaps/GetCACert (which need
+    # no key): RSA generation releases the GIL (a TPM create waits on the TPM), so start-up,
+    # key generation and the first round trips overlap instead of adding up.
+    maker = _KeyMaker(spec, generate_first=args.keystore == "software")
+    store: KeyStore | None = None
     try:
+        from agent.csr import validate_request
+        from agent.errors import LocalError
+
+        if args.out_key and args.keystore != "software":
+            raise LocalError("--out-key works with the software key store only: a TPM key "
+                             "never leaves the TPM")
+        key_password = _key_password(args) if args.out_key else None
+        challenge = read_challenge(args)
+        csr = _csr_request(args, challenge, args.subject)
+        validate_request(csr)  # a bad profile value must not cost a stored key
+        store = _key_store(args, app)
+        store.check(spec)
+        maker.store_in(store)
+        options = _options(args, csr)
+        cfg = _scep_config(args, app)
+
+        async def run(http: BlockingHttp) -> EnrollResult:
+            from agent.scep.inline import Waiting
+
+            return await _enroll(http, cfg, options, Waiting(maker.job))
+
         result = _drive(args, cfg, run)
     except BaseException:
+        maker.abandon()
         # a key for a request that failed is of no use (wait for it if still being made)
-        if pending_key.exception() is None:
-            store.delete(pending_key.result().key_id)
+        if store is not None and maker.job.exception() is None:
+            store.delete(maker.job.result().key_id)
         raise
-    key = pending_key.result()
-    keygen = pending_key.seconds
+    key = maker.job.result()
     if args.out_key and key_password is not None:
         export = getattr(key, "export_pkcs8", None)
         if export is None:
             raise LocalError(f"the {store.kind} key store cannot export keys")
         _write(args.out_key, export(key_password), 0o600)
-    return _report(args, app, result, key, store.kind, keygen)
+    return _report(args, app, result, key, store.kind, maker.job.seconds)
+
+
+class _KeyMaker:
+    """The enrollment key, made in a worker thread (`job`) from the command's first moment.
+
+    A software key is generated at once, before the store is open (which needs the config
+    and the machine key); `store_in(store)` then lets the worker store it. A TPM key can only
+    be made by its store, so that worker waits for `store_in`. `abandon()` releases a worker
+    still waiting when the command fails first; the job then raises `_Abandoned`.
+    """
+
+    def __init__(self, spec: KeySpec, *, generate_first: bool) -> None:
+        import threading
+
+        from agent.scep.inline import Background
+
+        self._spec = spec
+        self._store: KeyStore | None = None
+        self._store_ready = threading.Event()
+        generate: Callable[[KeySpec], Any] | None = None
+        if generate_first:
+            from keystores.software import generate_private_key as generate
+        self.job: Background[KeyHandle] = Background(self._make, generate, name="keygen")
+
+    def _make(self, generate: Callable[[KeySpec], Any] | None) -> KeyHandle:
+        private_key = generate(self._spec) if generate is not None else None
+        self._store_ready.wait()
+        if self._store is None:
+            raise _Abandoned
+        if private_key is None:
+            return self._store.create(self._spec)
+        from keystores.software import SoftwareKeyStore
+
+        if not isinstance(self._store, SoftwareKeyStore):
+            raise TypeError("a key generated beforehand needs the software key store")
+        return self._store.create(self._spec, private_key=private_key)
+
+    def store_in(self, store: KeyStore) -> None:
+        self._store = store
+        self._store_ready.set()
+
+    def abandon(self) -> None:
+        self._store_ready.set()
+
+
+class _Abandoned(Exception):
+    """The command failed before the key store was open: the key is not kept."""
 
 
 def run_renew(args: argparse.Namespace, app: App) -> int:

@@ -151,11 +151,14 @@ def test_unreachable_exit_code(run_cli: Run) -> None:
     assert "cannot connect" in res.stderr and "0x80072EFD" in res.stderr
 
 
-def test_bad_profile_values_name_the_node(run_cli: Run, scepserver: ScepServerInstance) -> None:
+def test_bad_profile_values_name_the_node(run_cli: Run, scepserver: ScepServerInstance,
+                                          state_dir: Path) -> None:
     res = run_cli("scep", "enroll", scepserver.url, "--subject", "CN=ok, BOGUS=x",
                   env=CHALLENGE_ENV)
     assert res.returncode == 1
     assert "Install/SubjectName value 'CN=ok, BOGUS=x' is invalid" in res.stderr
+    # the key was already being generated: it is dropped, never stored
+    assert not (state_dir / "keys" / "software").exists()
     res = run_cli("scep", "enroll", scepserver.url, "--subject", "CN=ok", "--key-usage", "16",
                   env=CHALLENGE_ENV)
     assert res.returncode == 1 and "Install/KeyUsage" in res.stderr

@@ -24,7 +24,7 @@ from keystores.base import (
     TpmUnavailableError,
     key_id_for,
 )
-from keystores.software import SoftwareKeyStore, write_atomic
+from keystores.software import SoftwareKeyStore, generate_private_key, write_atomic
 
 EC = KeySpec(KeyAlgorithm.EC, 256)
 
@@ -207,3 +207,26 @@ def test_concurrent_creates(store: SoftwareKeyStore) -> None:
     assert set(store.list_ids()) == ids
     for h in handles:
         assert store.load(h.key_id).public_key() == h.public_key()
+
+
+def test_create_stores_a_key_generated_beforehand(store: SoftwareKeyStore) -> None:
+    """`scep enroll` generates the key before the store is open, then stores it."""
+    spec = KeySpec(KeyAlgorithm.RSA, 2048)
+    private_key = generate_private_key(spec)
+    handle = store.create(spec, private_key=private_key)
+    assert handle.key_id == key_id_for(private_key.public_key())
+    loaded = store.load(handle.key_id)
+    assert loaded.public_key().public_numbers() == private_key.public_key().public_numbers()  # type: ignore[union-attr]
+    assert store.list_ids() == [handle.key_id]
+
+
+@pytest.mark.parametrize(("spec", "other"), [
+    (KeySpec(KeyAlgorithm.RSA, 2048), KeySpec(KeyAlgorithm.RSA, 1024)),
+    (KeySpec(KeyAlgorithm.RSA, 2048), KeySpec(KeyAlgorithm.EC, 256)),
+    (KeySpec(KeyAlgorithm.EC, 384), KeySpec(KeyAlgorithm.EC, 256)),
+])
+def test_create_refuses_a_key_that_does_not_match_the_spec(
+        store: SoftwareKeyStore, spec: KeySpec, other: KeySpec) -> None:
+    with pytest.raises(KeyStoreError, match="does not match"):
+        store.create(spec, private_key=generate_private_key(other))
+    assert store.list_ids() == []
