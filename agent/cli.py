@@ -8,6 +8,7 @@ fast. This module is the one place where exceptions become user-facing output an
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -52,6 +53,9 @@ exit codes:
 COMMAND_MODULES: dict[str, str] = {"run": "service.commands", "fleet": "service.fleet"}
 
 LONG_RUNNING = frozenset({"run", "fleet"})
+
+# gen0 threshold while a one-shot command runs (the default is 700 allocations).
+ONE_SHOT_GC_THRESHOLD = 100_000
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -155,12 +159,27 @@ def _register_unavailable(sub: Any, name: str, summary: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.commands.base import App
     from agent.commands.reg import translate_switches
+
+    argv_list = translate_switches(list(sys.argv[1:] if argv is None else argv))
+    one_shot = chosen_command(argv_list) not in LONG_RUNNING
+    thresholds = gc.get_threshold()
+    if one_shot:
+        # A one-shot command spends most of its life importing: tens of thousands of objects
+        # that all live to the end, which the collector would walk ~50 times for nothing
+        # (8 ms of a 165 ms `scep enroll`). Collect rarely; the daemon keeps the defaults.
+        gc.set_threshold(ONE_SHOT_GC_THRESHOLD, *thresholds[1:])
+    try:
+        return _run(argv_list, thresholds)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _run(argv_list: list[str], gc_thresholds: tuple[int, int, int]) -> int:
+    from agent.commands.base import App
     from agent.errors import DmAgentError
     from agent.logsetup import setup_logging
 
-    argv_list = translate_switches(list(sys.argv[1:] if argv is None else argv))
     try:
         args = build_parser(argv_list).parse_args(argv_list)
     except argparse.ArgumentError:  # not what the command guessed from argv expected
@@ -168,12 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args is None or not hasattr(args, "func"):
         args = build_parser().parse_args(argv_list)
     setup_logging(verbose=args.verbose)
-    if args.command not in LONG_RUNNING:
+    if args.command in LONG_RUNNING:
+        gc.set_threshold(*gc_thresholds)  # in case argv named it in a way not foreseen above
+    else:
         # When the process ends, Python's final garbage collections walk every object the
         # imports left (cryptography, dataclasses, typing: ~25 ms of a 200 ms `scep enroll`).
         # A one-shot command has closed what it opened by then, so exempt them (gc.freeze).
         import atexit
-        import gc
 
         atexit.register(gc.freeze)
     app = App(args)

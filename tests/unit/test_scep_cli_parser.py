@@ -3,6 +3,7 @@ changes what argparse decides: help lists every command, a wrong guess re-parses
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -64,3 +65,26 @@ def test_a_wrong_guess_is_parsed_again_in_full(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(cli, "chosen_command", lambda argv: "sync")  # guess wrong on purpose
     assert cli.main(["error", "0x80190194"]) == 0
     assert "HTTP_E_STATUS_NOT_FOUND" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "one_shot"), [
+    (["version"], True), (["error", "0x80190194"], True), (["run", "--help"], False)])
+def test_gc_threshold_while_a_command_runs(monkeypatch: pytest.MonkeyPatch,
+                                           argv: list[str], one_shot: bool) -> None:
+    """One-shot commands run with a high gen0 threshold (imports are not garbage); the daemon
+    keeps the defaults; either way the caller's thresholds are back afterwards."""
+    import gc
+
+    seen: list[tuple[int, int, int]] = []
+    real_setup = cli.build_parser
+
+    def spy(argv: list[str] | None = None) -> object:
+        seen.append(gc.get_threshold())
+        return real_setup(argv)
+
+    monkeypatch.setattr(cli, "build_parser", spy)
+    before = gc.get_threshold()
+    with contextlib.suppress(SystemExit):  # --help exits from argparse
+        cli.main(argv)
+    assert gc.get_threshold() == before
+    assert seen[0][0] == (cli.ONE_SHOT_GC_THRESHOLD if one_shot else before[0])
