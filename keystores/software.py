@@ -48,6 +48,7 @@ from keystores.base import (
     check_spec_shape,
     key_id_for,
 )
+from keystores.keygen import PrivateKey, generate_ec, generate_rsa
 
 FORMAT_VERSION: Final = 1
 KEY_SUFFIX: Final = ".key.pem"
@@ -61,9 +62,6 @@ _HASHES: Final[dict[HashAlg, type[hashes.HashAlgorithm]]] = {
     HashAlg.SHA384: hashes.SHA384,
     HashAlg.SHA512: hashes.SHA512,
 }
-_CURVES: Final[dict[int, type[ec.EllipticCurve]]] = {256: ec.SECP256R1, 384: ec.SECP384R1}
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 def hash_for(alg: HashAlg) -> hashes.HashAlgorithm:
@@ -135,12 +133,11 @@ def spec_from_json(data: bytes, key_id: str) -> tuple[KeySpec, dict[str, Any]]:
 
 def generate_private_key(spec: KeySpec) -> PrivateKey:
     """A new private key for `spec`, not stored anywhere yet: `SoftwareKeyStore.create(spec,
-    private_key=...)` stores it. Split out so a caller can make the key (the CPU-heavy part,
-    which releases the GIL) in a worker while it is still opening the store."""
+    private_key=...)` stores it (see `keystores.keygen`)."""
     check_spec_shape(spec)
     if spec.algorithm is KeyAlgorithm.RSA:
-        return rsa.generate_private_key(public_exponent=65537, key_size=spec.size)
-    return ec.generate_private_key(_CURVES[spec.size]())
+        return generate_rsa(spec.size)
+    return generate_ec(spec.size)
 
 
 def _spec_matches(key: PrivateKey, spec: KeySpec) -> bool:

@@ -321,19 +321,17 @@ def run_getcacert(args: argparse.Namespace, app: App) -> int:
 # --- enroll / renew -------------------------------------------------------------------------
 
 def run_enroll(args: argparse.Namespace, app: App) -> int:
-    from keystores.base import KeyAlgorithm, KeySpec
-
-    spec = KeySpec(KeyAlgorithm.RSA, args.key_length, exportable=bool(args.out_key),
-                   label="dmagent scep enroll")
     # The key is made first, in a worker thread, while this thread reads the config, opens
     # the key store, imports the SCEP and HTTP stack and asks GetCACaps/GetCACert (which need
     # no key): RSA generation releases the GIL (a TPM create waits on the TPM), so start-up,
-    # key generation and the first round trips overlap instead of adding up.
-    maker = _KeyMaker(spec, generate_first=args.keystore == "software")
+    # key generation and the first round trips overlap instead of adding up. A software key
+    # starts from here: keystores.keygen needs nothing but cryptography's RSA module.
+    maker = _KeyMaker(args.key_length if args.keystore == "software" else None)
     store: KeyStore | None = None
     try:
         from agent.csr import validate_request
         from agent.errors import LocalError
+        from keystores.base import KeyAlgorithm, KeySpec
 
         if args.out_key and args.keystore != "software":
             raise LocalError("--out-key works with the software key store only: a TPM key "
@@ -342,9 +340,11 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
         challenge = read_challenge(args)
         csr = _csr_request(args, challenge, args.subject)
         validate_request(csr)  # a bad profile value must not cost a stored key
+        spec = KeySpec(KeyAlgorithm.RSA, args.key_length, exportable=bool(args.out_key),
+                       label="dmagent scep enroll")
         store = _key_store(args, app)
         store.check(spec)
-        maker.store_in(store)
+        maker.store_in(store, spec)
         options = _options(args, csr)
         cfg = _scep_config(args, app)
 
@@ -372,29 +372,31 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
 class _KeyMaker:
     """The enrollment key, made in a worker thread (`job`) from the command's first moment.
 
-    A software key is generated at once, before the store is open (which needs the config
-    and the machine key); `store_in(store)` then lets the worker store it. A TPM key can only
-    be made by its store, so that worker waits for `store_in`. `abandon()` releases a worker
-    still waiting when the command fails first; the job then raises `_Abandoned`.
+    With `rsa_size`, a software RSA key is generated at once, before the store is open (which
+    needs the config and the machine key); `store_in(store, spec)` then lets the worker store
+    it (the store checks it matches the spec). Without, the key can only be made by its store
+    (a TPM), so the worker waits for `store_in`. `abandon()` releases a worker still waiting
+    when the command fails first; the job then raises `_Abandoned` and nothing is stored.
     """
 
-    def __init__(self, spec: KeySpec, *, generate_first: bool) -> None:
+    def __init__(self, rsa_size: int | None) -> None:
         import threading
 
         from agent.scep.inline import Background
 
-        self._spec = spec
         self._store: KeyStore | None = None
+        self._spec: KeySpec | None = None
         self._store_ready = threading.Event()
-        generate: Callable[[KeySpec], Any] | None = None
-        if generate_first:
-            from keystores.software import generate_private_key as generate
-        self.job: Background[KeyHandle] = Background(self._make, generate, name="keygen")
+        generate: Callable[[int], Any] | None = None
+        if rsa_size is not None:
+            from keystores.keygen import generate_rsa as generate
+        self.job: Background[KeyHandle] = Background(self._make, generate, rsa_size,
+                                                     name="keygen")
 
-    def _make(self, generate: Callable[[KeySpec], Any] | None) -> KeyHandle:
-        private_key = generate(self._spec) if generate is not None else None
+    def _make(self, generate: Callable[[int], Any] | None, size: int | None) -> KeyHandle:
+        private_key = generate(size) if generate is not None and size is not None else None
         self._store_ready.wait()
-        if self._store is None:
+        if self._store is None or self._spec is None:
             raise _Abandoned
         if private_key is None:
             return self._store.create(self._spec)
@@ -404,8 +406,8 @@ class _KeyMaker:
             raise TypeError("a key generated beforehand needs the software key store")
         return self._store.create(self._spec, private_key=private_key)
 
-    def store_in(self, store: KeyStore) -> None:
-        self._store = store
+    def store_in(self, store: KeyStore, spec: KeySpec) -> None:
+        self._store, self._spec = store, spec
         self._store_ready.set()
 
     def abandon(self) -> None:
