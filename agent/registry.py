@@ -18,7 +18,12 @@ what it read or wrote stays true until the transaction ends; the next transactio
 cache only when `PRAGMA data_version` shows no other connection committed in between (SQLite:
 "changes committed by any other connection"). A rollback that undid writes, and a subtree
 delete, drop the cache. Savepoints are opened lazily, right before the first write inside
-them: a nested block that only reads has nothing to undo, so it costs no SQL at all.
+them: a nested block that only reads has nothing to undo, so it costs no SQL at all. A block
+whose first write is one value row whose previous state the cache knows (a Replace of a value
+the CSP just read) does not open its savepoint for it either: it keeps that previous row
+instead, and undoes the one statement itself if the block fails (SQLite runs each statement
+all-or-nothing); a second write in the block opens the savepoint then, and a failure undoes
+both. So a DM command that writes one value costs one statement, not three.
 Reads outside a transaction always go to SQLite.
 """
 
@@ -94,6 +99,9 @@ class Registry:
         # one (from 0) being savepoint `sp{n+1}`. The first `_materialized` of those exist in
         # SQLite; the others had no write yet.
         self._materialized = 0
+        # The block whose first write ran before its savepoint existed (see the module
+        # docstring): (block index, key id, folded value name, the row before that write).
+        self._soft: tuple[int, int, str, Row | None] | None = None
         self._writes = 0  # write statements issued on this connection, ever
         # Caches (see the module docstring); valid only while `_cache_live`.
         self._cache_live = False
@@ -227,6 +235,7 @@ class Registry:
             self._depth = 0
             self._cache_live = False
             self._materialized = 0
+            self._soft = None
 
     def _rollback(self, writes: int) -> None:
         try:
@@ -238,7 +247,12 @@ class Registry:
 
     def _exit_savepoint(self, index: int, commit: bool, writes: int) -> None:
         try:
-            if index < self._materialized:  # else nothing was written inside: no SQL at all
+            soft = self._soft
+            if soft is not None and soft[0] == index:
+                self._soft = None  # this block's; committed, it is part of the parent's now
+            else:
+                soft = None
+            if index < self._materialized:  # else no savepoint was needed: no SQL here
                 try:
                     if commit:
                         self._cur.execute(_savepoint_sql("RELEASE", index))
@@ -249,8 +263,21 @@ class Registry:
                     self._materialized = index
                     if not commit and self._writes != writes:
                         self._drop_cache()
+            if soft is not None and not commit:
+                # The write made before the savepoint (if any) was opened: undo it last.
+                try:
+                    self._undo(soft[1], soft[2], soft[3])
+                finally:
+                    self._drop_cache()
         finally:
             self._depth -= 1
+
+    def _undo(self, key_id: int, name_lc: str, before: Row | None) -> None:
+        if before is None:
+            self._cur.execute('DELETE FROM "values" WHERE key_id = ? AND name_lc = ?',
+                              (key_id, name_lc))
+        else:
+            self._cur.execute(_UPSERT, (key_id, name_lc, before[0], int(before[1]), before[2]))
 
     def _write(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """Every write statement goes through here: open the pending savepoints first."""
@@ -259,6 +286,22 @@ class Registry:
             self._cur.execute(_savepoint_sql("SAVEPOINT", self._materialized))
             self._materialized += 1
         return self._cur.execute(sql, args)
+
+    def _write_value(self, sql: str, args: tuple[object, ...], key_id: int,
+                     name_lc: str) -> sqlite3.Cursor:
+        """A write of the one row (key_id, name_lc): `_write`, except when it is the first
+        write of the innermost block, every enclosing block already has its savepoint, and
+        the cache knows the row's current state. Then the block's savepoint is not opened: the
+        block records that state and `_exit_savepoint` restores it if the block fails. A
+        statement is atomic by itself, so the undo covers exactly what it did."""
+        if self._soft is None and self._materialized == self._depth - 2 and self._cache_live:
+            before = self._rows.get((key_id, name_lc), _UNKNOWN)
+            if before is not _UNKNOWN:
+                self._writes += 1
+                cur = self._cur.execute(sql, args)
+                self._soft = (self._materialized, key_id, name_lc, before)
+                return cur
+        return self._write(sql, args)
 
     def _drop_cache(self) -> None:
         self._key_ids.clear()
@@ -364,7 +407,7 @@ class Registry:
 
     def _upsert(self, key_id: int, lc: str, name_lc: str, name: str, type_: RegType,
                 stored: str | int | bytes) -> None:
-        self._write(_UPSERT, (key_id, name_lc, name, int(type_), stored))
+        self._write_value(_UPSERT, (key_id, name_lc, name, int(type_), stored), key_id, name_lc)
         if self._cache_live:
             self._rows[(key_id, name_lc)] = (name, type_, stored)
             if self._children_values:
@@ -467,8 +510,8 @@ class Registry:
             rows = self._rows
             if self._cache_live and rows.get((key_id, name_lc), _UNKNOWN) is None:
                 return False  # known not to be there: no statement to run
-            cur = self._write('DELETE FROM "values" WHERE key_id = ? AND name_lc = ?',
-                              (key_id, name_lc))
+            cur = self._write_value('DELETE FROM "values" WHERE key_id = ? AND name_lc = ?',
+                                    (key_id, name_lc), key_id, name_lc)
             if self._cache_live:
                 rows[(key_id, name_lc)] = None
                 if self._children_values:

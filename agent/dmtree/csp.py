@@ -31,7 +31,7 @@ from agent.dmtree.uri import encode_segment
 from agent.syncml.messages import Format, StatusCode
 
 __all__ = ["CSP", "DMStatusError", "Deferred", "ItemValue", "NodeSpec", "NodeValue", "Op",
-           "Resolved", "Value", "interior", "leaf"]
+           "Resolved", "Value", "interior", "item_value", "leaf"]
 
 
 class Op(enum.Flag):
@@ -67,6 +67,25 @@ class ItemValue:
     format: str | None = None
     type: str | None = None
 
+
+_new_object: Final = object.__new__
+
+
+def item_value(data: str | None, format: str | None, type: str | None) -> ItemValue:
+    """`ItemValue(data, format, type)` without the frozen dataclass `__init__` (which sets each
+    field through `object.__setattr__`): the executor makes one per Add/Replace/Exec. Same
+    object as the constructor's (tests/unit/test_dmtree_single.py); valid while ItemValue has
+    exactly these three fields, which the assertion below checks at import."""
+    obj: ItemValue = _new_object(ItemValue)
+    d = obj.__dict__
+    d["data"] = data
+    d["format"] = format
+    d["type"] = type
+    return obj
+
+
+if tuple(ItemValue.__dataclass_fields__) != ("data", "format", "type"):  # pragma: no cover
+    raise TypeError("item_value() no longer builds every ItemValue field")
 
 Value = str | int | bool | None  # parsed data handed to `write`
 

@@ -41,7 +41,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.dmtree.csp import ItemValue
+from agent.dmtree.csp import ItemValue, item_value
 from agent.dmtree.errors import DMStatusError
 from agent.dmtree.tree import DMTree
 from agent.errors import DmAgentError, NotFoundError
@@ -122,6 +122,21 @@ class _Outcome:
             child.mark_rolled_back(code)
 
 
+class _Single:
+    """The outcome of a one-Item command run by `TreeExecutor._single`: what an `_Outcome`
+    with one `_ItemOutcome` records, in one object."""
+
+    __slots__ = ("cmd_ref", "code", "name", "no_resp", "result", "target")
+
+    def __init__(self, name: str, cmd_ref: str, no_resp: bool) -> None:
+        self.name = name
+        self.cmd_ref = cmd_ref
+        self.no_resp = no_resp
+        self.code = _OK
+        self.target = ""
+        self.result: Item | None = None
+
+
 @dataclass
 class _AtomicState:
     failed: bool = False
@@ -169,10 +184,19 @@ class TreeExecutor:
             return []
         deferred = self.tree.deferred
         mark = deferred.mark()
-        outcomes: list[_Outcome] = []
+        outcomes: list[_Outcome | _Single] = []
+        single = self._single
         try:
             with self.store.transaction():
                 for cmd in commands:
+                    # The common case, a one-Item command with a CmdID, on a shorter path
+                    # with the same rules (see _single).
+                    if type(cmd) is ItemCommand and len(cmd.items) == 1 and \
+                            cmd.kind is not _COPY and type(cmd.cmd_id) is str:
+                        cmd_ref = cmd.cmd_id.strip()
+                        if cmd_ref:
+                            outcomes.append(single(cmd, cmd_ref))
+                            continue
                     outcomes.append(self._run(cmd, in_atomic=False))
         except Exception as exc:  # the commit failed: nothing of the batch was applied
             deferred.discard(mark)
@@ -182,12 +206,29 @@ class TreeExecutor:
         else:
             deferred.flush()
         out: list[Status | Results] = []
+        status = _build.status
+        echo = self.echo_target_refs
         for outcome in outcomes:
-            out += self._render(outcome, msg_ref, suppress=False)
+            if isinstance(outcome, _Single):  # _render's one-Item case, inline
+                if not outcome.no_resp:
+                    target = outcome.target
+                    out.append(status(msg_ref, outcome.cmd_ref, outcome.name, outcome.code,
+                                      (target,) if echo and target else ()))
+                if outcome.result is not None:
+                    out.append(_build.results(msg_ref, outcome.cmd_ref, (outcome.result,)))
+            else:
+                out += self._render(outcome, msg_ref, suppress=False)
         return out
 
-    def _commit_failed(self, outcome: _Outcome, why: str) -> None:
+    def _commit_failed(self, outcome: _Outcome | _Single, why: str) -> None:
         """Rewrite what had succeeded in a transaction that did not commit."""
+        if type(outcome) is _Single:
+            if outcome.code in _DONE:
+                outcome.code = StatusCode.COMMAND_FAILED
+                outcome.result = None
+                self._fail(outcome, outcome.target, StatusCode.COMMAND_FAILED, why)
+            return
+        assert isinstance(outcome, _Outcome)
         if outcome.name == Cmd.ATOMIC:
             if outcome.code == StatusCode.OK:
                 outcome.mark_rolled_back(StatusCode.ATOMIC_ROLLBACK_OK)
@@ -248,6 +289,48 @@ class TreeExecutor:
             return self._refuse(outcome, cmd, StatusCode.BAD_REQUEST, "no Item")
         for item in cmd.items:
             outcome.items.append(self._item(cmd, item, outcome))
+        return outcome
+
+    def _single(self, cmd: ItemCommand, cmd_ref: str) -> _Single:
+        """A one-Item command outside Atomic with a CmdID (not Copy): what `_run` →
+        `_item_command` → `_item` do for it, minus their generality, recording the same
+        outcome and failures. tests/unit/test_dmtree_single.py holds both paths to the same
+        answers."""
+        kind = cmd.kind
+        outcome = _Single(_NAMES[kind], cmd_ref, cmd.no_resp)
+        item = cmd.items[0]
+        target = outcome.target = (item.target or "").strip()
+        deferred = self.tree.deferred
+        mark = len(deferred)
+        try:
+            with self.store.transaction():
+                if kind is _GET:
+                    node = self.tree.get(target)
+                    outcome.result = _build.item(source=target,
+                                                 meta=self._meta(node.format, node.type),
+                                                 data=node.data)
+                elif kind is _DELETE:
+                    self.tree.delete(target)
+                else:
+                    meta = item.meta or cmd.meta
+                    self._apply(kind, target, item_value(
+                        item.data, meta.format, meta.type) if meta is not None else
+                        item_value(item.data, None, None))
+        except DMStatusError as exc:
+            deferred.discard(mark)
+            outcome.code = exc.code
+            self._fail(outcome, target, exc.code, exc.message)
+        except DmAgentError as exc:
+            deferred.discard(mark)
+            outcome.code = StatusCode.NOT_FOUND if isinstance(exc, NotFoundError) else \
+                StatusCode.COMMAND_FAILED
+            self._fail(outcome, target, outcome.code, exc.message)
+        except Exception as exc:  # a store or CSP fault: fail this command, keep the session
+            deferred.discard(mark)
+            log.warning("%s %s failed: %s", outcome.name, target, exc, exc_info=True)
+            outcome.code = StatusCode.COMMAND_FAILED
+            self._fail(outcome, target, StatusCode.COMMAND_FAILED,
+                       f"{type(exc).__name__}: {exc}")
         return outcome
 
     def _item(self, cmd: ItemCommand, item: Item, outcome: _Outcome) -> _ItemOutcome:
@@ -362,7 +445,7 @@ class TreeExecutor:
             failed = in_atomic and not result.ok()
         return outcome
 
-    def _fail(self, outcome: _Outcome, target: str, code: int, message: str) -> None:
+    def _fail(self, outcome: _Outcome | _Single, target: str, code: int, message: str) -> None:
         self.failures.append(Failure(outcome.name, outcome.cmd_ref, target, code, message))
         log.info("%s %s%s: %d %s", outcome.name, outcome.cmd_ref or "(no CmdID)",
                  f" {target}" if target else "", code, message)

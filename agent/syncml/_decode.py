@@ -116,10 +116,14 @@ _COMMANDS: dict[str, Cmd] = {c.value: c for c in Cmd}
 _ITEM_KINDS: dict[str, Cmd] = {c.value: c for c in ITEM_COMMANDS}
 
 
+def _not_text(el: etree._Element, what: str) -> DecodeFailure:
+    return DecodeFailure(f"<{what}> must hold text, found element <{_local(el[0].tag)}> "
+                         f"(line {el.sourceline})")
+
+
 def _text(el: etree._Element, what: str) -> str:
     if len(el):
-        raise DecodeFailure(f"<{what}> must hold text, found element "
-                            f"<{_local(el[0].tag)}> (line {el.sourceline})")
+        raise _not_text(el, what)
     return el.text or ""
 
 
@@ -222,7 +226,8 @@ class _Decoder:
                        cred=cred, meta=meta, resp_uri=resp_uri, no_resp=no_resp,
                        ver_dtd=values.get("VerDTD", ""), ver_proto=values.get("VerProto", ""))
 
-    def loc(self, el: etree._Element, what: str) -> tuple[str | None, str | None]:
+    @staticmethod
+    def loc(el: etree._Element, what: str) -> tuple[str | None, str | None]:
         uri = name = None
         names = _NAMES
         for child in el:
@@ -230,7 +235,9 @@ class _Decoder:
             local = names.get(tag) or _local(tag)
             if local == "LocURI":
                 if uri is None:
-                    uri = _text(child, f"{what}/LocURI").strip()  # servers indent LocURIs
+                    if len(child):
+                        raise _not_text(child, f"{what}/LocURI")
+                    uri = (child.text or "").strip()  # servers indent LocURIs
             elif local == "LocName" and name is None:
                 name = _text(child, f"{what}/LocName")
         return uri, name
@@ -281,7 +288,7 @@ class _Decoder:
             tag = child.tag
             local = names.get(tag) or _local(tag)
             if local == "Target":
-                target, _ = self.loc(child, "Item/Target")
+                target = self.loc(child, "Item/Target")[0]
             elif local == "Data":
                 if len(child):
                     data, is_xml = _inner_xml(child), True
@@ -323,14 +330,17 @@ class _Decoder:
         meta = cred = None
         no_resp = False
         names = _NAMES
+        item = self.item
         for child in el:
             tag = child.tag
             local = names.get(tag) or _local(tag)
             if local == "Item":
-                items.append(self.item(child))
+                items.append(item(child))
             elif local == "CmdID":
                 if cmd_id is None:
-                    cmd_id = _text(child, "CmdID").strip()
+                    if len(child):
+                        raise _not_text(child, "CmdID")
+                    cmd_id = (child.text or "").strip()
             elif local == "Meta":
                 meta = self.meta(child)
             elif local == "NoResp":

@@ -88,7 +88,9 @@ def test_nested_blocks_that_only_read_cost_no_sql(reg: Registry) -> None:
         assert [s.split()[0] for s in seen] == ["SELECT"]
         with reg.transaction():
             reg.set_sz(r"HKLM\K", "v", "2")
-        assert [s.split()[0] for s in seen[-3:]] == ["SAVEPOINT", "INSERT", "RELEASE"]
+        # one write of a value the cache knows: its undo is kept in memory, no SAVEPOINT
+        # (test_registry_undo.py checks when a savepoint is still opened)
+        assert [s.split()[0] for s in seen[1:]] == ["INSERT"]
 
 
 def test_subkey_values_reads_a_table_of_keys_and_follows_writes(reg: Registry) -> None:
