@@ -92,8 +92,16 @@ def encode(message: SyncMLMessage, *, number_from: int | None = None) -> bytes:
     if number_from is None:
         parts += [encode_command(cmd) for cmd in message.body]
     else:
-        parts += [encode_command(cmd, str(n))
-                  for n, cmd in enumerate(message.body, start=number_from)]
+        append = parts.append
+        for n, cmd in enumerate(message.body, start=number_from):
+            # encode_command's dispatch, with the two kinds a reply is made of first
+            kind = type(cmd)
+            if kind is Status:
+                append(_status(cmd, str(n)))  # type: ignore[arg-type]
+            elif kind is Results:
+                append(_results(cmd, str(n)))  # type: ignore[arg-type]
+            else:
+                append(encode_command(cmd, str(n)))
     if message.final:
         parts.append(_FINAL)
     parts.append(_CLOSE)
@@ -243,9 +251,19 @@ def _unknown(u: UnknownCommand, cid: str | None) -> str:
     return f"<{u.name}>{_cmd_id(u.cmd_id if cid is None else cid)}</{u.name}>"
 
 
+def _plain(text: str) -> bool:
+    """Whether `escape` would return `text` as it is. True of a concatenation exactly when
+    true of each part, so one check can stand for several fields."""
+    return text.isprintable() and "&" not in text and "<" not in text and ">" not in text
+
+
 def _status(s: Status, cid: str | None) -> str:
     if not (s.target_refs or s.source_refs or s.items) and s.chal is None:  # the usual one
-        return (f"<Status>{_cmd_id(s.cmd_id if cid is None else cid)}<MsgRef>"
+        cmd_id = s.cmd_id if cid is None else cid
+        if cmd_id is not None and _plain(f"{cmd_id}{s.msg_ref}{s.cmd_ref}{s.cmd}"):
+            return (f"<Status><CmdID>{cmd_id}</CmdID><MsgRef>{s.msg_ref}</MsgRef><CmdRef>"
+                    f"{s.cmd_ref}</CmdRef><Cmd>{s.cmd}</Cmd><Data>{s.data!s}</Data></Status>")
+        return (f"<Status>{_cmd_id(cmd_id)}<MsgRef>"
                 f"{escape(s.msg_ref)}</MsgRef><CmdRef>{escape(s.cmd_ref)}</CmdRef><Cmd>"
                 f"{escape(s.cmd)}</Cmd><Data>{s.data!s}</Data></Status>")
     out = ["<Status>", _cmd_id(s.cmd_id if cid is None else cid), "<MsgRef>",
@@ -265,9 +283,30 @@ def _results(r: Results, cid: str | None) -> str:
     # MS-MDM §2.2.7.8: Windows writes <Cmd>Get</Cmd> in Results (the SyncML DTD does not).
     if r.meta is None and r.target_ref is None and r.source_ref is None and \
             len(r.items) == 1:  # what a Get answers
-        return (f"<Results>{_cmd_id(r.cmd_id if cid is None else cid)}<MsgRef>"
+        cmd_id = r.cmd_id if cid is None else cid
+        it = r.items[0]
+        m = it.meta
+        if cmd_id is not None and it.target is None and it.source_name is None and \
+                not it.more_data and it.source is not None and it.data is not None and \
+                not it.data_is_xml and (m is None or (
+                    m.size is None and m.next_nonce is None and m.max_msg_size is None and
+                    m.max_obj_size is None and m.format is not None)):
+            # _item's Results shape with a Format-only or Format+Type Meta (or none), and
+            # nothing to escape anywhere: one string.
+            if m is None:
+                meta = fields = ""
+            elif m.type is None:
+                meta, fields = f"<Meta>{_FORMAT_OPEN}{m.format}</Format></Meta>", m.format
+            else:
+                meta = f"<Meta>{_FORMAT_OPEN}{m.format}</Format>{_TYPE_OPEN}{m.type}</Type></Meta>"
+                fields = f"{m.format}{m.type}"
+            if _plain(f"{cmd_id}{r.msg_ref}{r.cmd_ref}{it.source}{it.data}{fields}"):
+                return (f"<Results><CmdID>{cmd_id}</CmdID><MsgRef>{r.msg_ref}</MsgRef><CmdRef>"
+                        f"{r.cmd_ref}</CmdRef><Cmd>Get</Cmd><Item><Source><LocURI>{it.source}"
+                        f"</LocURI></Source>{meta}<Data>{it.data}</Data></Item></Results>")
+        return (f"<Results>{_cmd_id(cmd_id)}<MsgRef>"
                 f"{escape(r.msg_ref)}</MsgRef><CmdRef>{escape(r.cmd_ref)}</CmdRef>"
-                f"<Cmd>Get</Cmd>{_item(r.items[0])}</Results>")
+                f"<Cmd>Get</Cmd>{_item(it)}</Results>")
     out = ["<Results>", _cmd_id(r.cmd_id if cid is None else cid), "<MsgRef>",
            escape(r.msg_ref), "</MsgRef><CmdRef>", escape(r.cmd_ref), "</CmdRef><Cmd>Get</Cmd>"]
     if r.meta is not None:

@@ -32,6 +32,8 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
 from typing import Protocol
 
 from agent.diagnostics import HResult, hresult_from_http_status
@@ -233,7 +235,12 @@ class ClientSession:
 
         responses: list[Outgoing] = []
         run: list[Command] = []
+        busy = self._reassembler.busy  # changes only in _item_command
         for cmd in msg.body:
+            if type(cmd) is ItemCommand and cmd.cmd_id and not cmd.no_resp and not busy and \
+                    len(cmd.items) == 1 and not cmd.items[0].more_data:
+                run.append(cmd)  # the common case: what _item_command appends to the run
+                continue
             if isinstance(cmd, Status):
                 continue
             if cmd.cmd_id is None or cmd.cmd_id == "":
@@ -248,6 +255,7 @@ class ClientSession:
                 responses.append(self._status(cmd.cmd_id, "Results", StatusCode.OK))
             elif isinstance(cmd, ItemCommand):
                 self._item_command(cmd, run, responses)
+                busy = self._reassembler.busy
             elif isinstance(cmd, Container) and cmd.no_resp:  # executed, answered by nobody
                 self._flush(run, responses)
                 self.executor.execute([cmd], self._server_msg_id)
@@ -371,10 +379,11 @@ class ClientSession:
         if not run:
             return
         out = self.executor.execute(list(run), self._server_msg_id)
-        if sum(isinstance(o, Status) for o in out) < len(run):
+        # (map: these checks run over every answer of every message; C-level iteration)
+        if sum(map(isinstance, out, repeat(Status))) < len(run):
             self.summary.errors.append(f"the DM tree answered {len(out)} responses for "
                                        f"{len(run)} commands")
-        if all(o.msg_ref for o in out):  # the executor filled them in (it normally does)
+        if all(map(_msg_ref, out)):  # the executor filled them in (it normally does)
             responses.extend(out)
         else:
             for o in out:
@@ -473,9 +482,8 @@ class ClientSession:
         s = self.summary
         s.messages_sent += 1
         s.bytes_sent += len(data)
-        codes = [c.data for c in body if isinstance(c, Status)]
-        s.statuses_sent.update(codes)  # one Counter.update for the whole message
-        s.results_sent += sum(isinstance(c, Results) for c in body)
+        s.statuses_sent.update([c.data for c in body if isinstance(c, Status)])  # one update
+        s.results_sent += sum(map(isinstance, body, repeat(Results)))
         self._state = _State.WAITING
         return SendMessage(data, header.msg_id, self._resp_uri)
 
@@ -499,6 +507,7 @@ class ClientSession:
 
 
 _ITEM_NAMES: dict[Cmd, str] = {c: c.value for c in Cmd}  # command_name, without enum lookups
+_msg_ref = attrgetter("msg_ref")
 
 # MS-MDM §2.2.7.2 lists these as the supported alert types.
 _ACCEPTED_ALERTS = frozenset({AlertCode.SERVER_INITIATED_MGMT, AlertCode.CLIENT_INITIATED_MGMT,
