@@ -296,7 +296,8 @@ def _results(r: Results, cid: str | None) -> str:
             if m is None:
                 meta = fields = ""
             elif m.type is None:
-                meta, fields = f"<Meta>{_FORMAT_OPEN}{m.format}</Format></Meta>", m.format
+                meta = f"<Meta>{_FORMAT_OPEN}{m.format}</Format></Meta>"
+                fields = f"{m.format}"
             else:
                 meta = f"<Meta>{_FORMAT_OPEN}{m.format}</Format>{_TYPE_OPEN}{m.type}</Type></Meta>"
                 fields = f"{m.format}{m.type}"
