@@ -366,7 +366,7 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
         if export is None:
             raise LocalError(f"the {store.kind} key store cannot export keys")
         _write(args.out_key, export(key_password), 0o600)
-    return _report(args, app, result, key, store.kind, maker.job.seconds)
+    return _report(args, app, result, key, store.kind, maker.seconds)
 
 
 class _KeyMaker:
@@ -387,6 +387,7 @@ class _KeyMaker:
         self._store: KeyStore | None = None
         self._spec: KeySpec | None = None
         self._store_ready = threading.Event()
+        self.seconds = 0.0  # making and storing the key, not the wait for the store
         generate: Callable[[int], Any] | None = None
         if rsa_size is not None:
             from keystores.keygen import generate_rsa as generate
@@ -394,17 +395,23 @@ class _KeyMaker:
                                                      name="keygen")
 
     def _make(self, generate: Callable[[int], Any] | None, size: int | None) -> KeyHandle:
+        started = time.perf_counter()
         private_key = generate(size) if generate is not None and size is not None else None
+        self.seconds = time.perf_counter() - started
         self._store_ready.wait()
         if self._store is None or self._spec is None:
             raise _Abandoned
+        started = time.perf_counter()
         if private_key is None:
-            return self._store.create(self._spec)
-        from keystores.software import SoftwareKeyStore
+            handle = self._store.create(self._spec)
+        else:
+            from keystores.software import SoftwareKeyStore
 
-        if not isinstance(self._store, SoftwareKeyStore):
-            raise TypeError("a key generated beforehand needs the software key store")
-        return self._store.create(self._spec, private_key=private_key)
+            if not isinstance(self._store, SoftwareKeyStore):
+                raise TypeError("a key generated beforehand needs the software key store")
+            handle = self._store.create(self._spec, private_key=private_key)
+        self.seconds += time.perf_counter() - started
+        return handle
 
     def store_in(self, store: KeyStore, spec: KeySpec) -> None:
         self._store, self._spec = store, spec
