@@ -116,6 +116,7 @@ class Registry:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                      check_same_thread=False)
+        self._blocks = _Blocks(self)  # what transaction() returns
         # One cursor for single statements: Connection.execute makes a new cursor per call,
         # which costs more than the statement itself for SAVEPOINT/RELEASE and key lookups.
         self._cur = self._conn.cursor()
@@ -203,7 +204,7 @@ class Registry:
 
     def transaction(self) -> AbstractContextManager[None]:
         """All-or-nothing block; nests through savepoints. Raise `Rollback` to undo quietly."""
-        return _Transaction(self)
+        return self._blocks
 
     def _begin(self) -> None:
         self._cur.execute("BEGIN IMMEDIATE")
@@ -591,25 +592,28 @@ def _savepoint_sql(verb: str, index: int) -> str:
     return names[index] if index < len(names) else f"{verb} sp{index + 1}"
 
 
-class _Transaction:
+class _Blocks:
     """What `Registry.transaction()` returns: the outermost block is BEGIN IMMEDIATE ...
-    COMMIT, nested ones are (lazy) savepoints. `__exit__` swallows `Rollback` only. A class
-    rather than a generator-based context manager: one is entered per DM command, and this is
-    several times cheaper."""
+    COMMIT, nested ones are (lazy) savepoints. `__exit__` swallows `Rollback` only.
 
-    __slots__ = ("_index", "_reg", "_writes")
+    One object per registry, entered once per block: the open blocks are a stack of (savepoint
+    index, -1 for the outermost; write count at entry). The stack is only touched while the
+    registry lock is held, and the lock is held from a block's `__enter__` to its `__exit__`,
+    so the thread that has it is the only one using the stack. A class rather than a
+    generator-based context manager, and no object per block: one is entered per DM command."""
+
+    __slots__ = ("_reg", "_stack")
 
     def __init__(self, reg: Registry) -> None:
         self._reg = reg
-        self._index = -1
-        self._writes = 0
+        self._stack: list[tuple[int, int]] = []
 
     def __enter__(self) -> None:
         reg = self._reg
         reg._lock.acquire()
-        self._writes = reg._writes
         if reg._depth:
-            self._index = reg._depth - 1  # a nested block: savepoint sp{index + 1}, lazily
+            # a nested block: savepoint sp{index + 1}, opened lazily
+            self._stack.append((reg._depth - 1, reg._writes))
             reg._depth += 1
             return
         try:
@@ -617,16 +621,24 @@ class _Transaction:
         except BaseException:
             reg._lock.release()
             raise
-        self._index = -1
+        self._stack.append((-1, reg._writes))
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:
         reg = self._reg
+        index, writes = self._stack.pop()
         try:
-            if self._index < 0:
-                reg._end(exc_type is None, self._writes)
+            if index < 0:
+                reg._end(exc_type is None, writes)
+            elif exc_type is None and index >= reg._materialized:
+                # _exit_savepoint's commit without a savepoint to release, inline: the common
+                # case of a DM command (nothing written, or one write undone in memory)
+                soft = reg._soft
+                if soft is not None and soft[0] == index:
+                    reg._soft = None
+                reg._depth -= 1
             else:
-                reg._exit_savepoint(self._index, exc_type is None, self._writes)
+                reg._exit_savepoint(index, exc_type is None, writes)
         finally:
             reg._lock.release()
         return exc_type is not None and issubclass(exc_type, Rollback)

@@ -52,6 +52,7 @@ TYPE_SHA256: Final = "application/x-nodemon-sha256"
 _NODE_URI: Final = fold("NodeURI")
 _EXPECTED: Final = fold("ExpectedValue")
 _EXPECTED_TYPE: Final = fold("ExpectedValueType")
+_UNREAD: Final = "\x00unread"  # not a value: NUL cannot be stored or sent in XML
 _VALUE_FORMATS: Final = (Format.CHR, Format.INT, Format.BOOL, Format.B64, Format.XML,
                          Format.FLOAT, Format.DATE, Format.TIME, Format.BIN)
 
@@ -202,14 +203,18 @@ class NodeCacheCSP(CSP):
                 if not isinstance(uri, str) or not uri:
                     out.append((node_id, "", None))
                     continue
-                if uri in current_by_uri:
-                    data = current_by_uri[uri]
-                else:
+                data = current_by_uri.get(uri, _UNREAD)
+                if data is _UNREAD:
                     current = self.tree.value_or_none(uri)
                     data = current_by_uri[uri] = None if current is None else (current.data or "")
                 expected = values.get(_EXPECTED)
-                hashed = values.get(_EXPECTED_TYPE) == "sha256"
-                if not _matches(data, expected if isinstance(expected, str) else None, hashed):
+                if not isinstance(expected, str):
+                    same = False  # nothing expected yet: report it so the server fills it
+                elif values.get(_EXPECTED_TYPE) == "sha256":
+                    same = _matches(data, expected, True)
+                else:  # _matches without a hash, inline: this runs for every cached node
+                    same = data is None if expected == NONEXISTENT else data == expected
+                if not same:
                     out.append((node_id, uri, data))
             return out
         finally:

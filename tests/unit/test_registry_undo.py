@@ -205,3 +205,30 @@ UndoRegistryModel.TestCase.settings = settings(
     max_examples=80, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestUndoRegistryModel = UndoRegistryModel.TestCase
+
+
+def test_threads_sharing_one_registry_keep_their_own_blocks(reg: Registry) -> None:
+    """transaction() hands every caller the same block object; its stack of open blocks is
+    only used under the registry lock, which a thread holds from __enter__ to __exit__."""
+    import threading
+
+    def worker() -> None:
+        for _ in range(25):
+            with reg.transaction():
+                n = reg.query(K, "n") or 0
+                assert isinstance(n, int)
+                with reg.transaction():
+                    reg.set_dword(K, "n", n + 1)
+                with reg.transaction():  # fails: undone, whatever the other threads do
+                    reg.set_dword(K, "n", 10**6)
+                    reg.set_sz(K, "junk", "x")
+                    raise Rollback
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reg.query(K, "n") == 100
+    assert reg.query(K, "junk") is None
+    assert not reg.in_transaction
