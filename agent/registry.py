@@ -501,8 +501,14 @@ class Registry:
         self._children_values[parent_lc] = (table, stored_names)
 
     def delete_value(self, path: str, name: str) -> bool:
-        lc = self._canon(path)[1]
+        lc = (self._normalized.get(path) or self._canon(path))[1]
         name_lc = self._fold_name(name)
+        with self._lock:
+            if self._cache_live:  # known not to be there: nothing to do (the common case)
+                key_id = self._key_ids.get(lc, -1)
+                if key_id is None or (key_id != -1 and
+                                      self._rows.get((key_id, name_lc), _UNKNOWN) is None):
+                    return False
         # One statement: atomic by itself, so inside a transaction it needs no savepoint.
         with self._lock, (_NO_BLOCK if self._depth else self.transaction()):
             key_id = self._key_id(lc)

@@ -95,6 +95,11 @@ class NodeCacheCSP(CSP):
 
     def exists(self, r: Resolved) -> bool:
         pattern = r.pattern()
+        if len(pattern) == 4:  # Nodes/<NodeID>/<leaf>: what every ExpectedValue Replace asks
+            names = r.vars
+            return self.registry.query(
+                f"{self.root}\\{names['ProviderID']}\\Nodes\\{names['NodeID']}",
+                r.spec.name) is not None
         if not pattern:
             return True
         provider = self.provider_key(r.var("ProviderID"))
@@ -130,18 +135,20 @@ class NodeCacheCSP(CSP):
         return NodeValue(Format.CHR, self._sz(self.node_key(provider, r.var("NodeID")), name))
 
     def write(self, r: Resolved, value: Value, item: ItemValue) -> None:
-        provider = r.var("ProviderID")
+        names = r.vars
+        provider = names["ProviderID"]
         name = r.spec.name
         if name == "CacheVersion":
             self.registry.set_sz(self.provider_key(provider), name, str(value))
             return
-        node_id = r.var("NodeID")
+        node_id = names["NodeID"]
         self._check_node_id(node_id)
-        key = self.node_key(provider, node_id)
+        key = f"{self.root}\\{provider}\\Nodes\\{node_id}"  # node_key(), inline
         if name == "NodeURI":
             self.registry.set_sz(key, name, str(value).strip())
         elif name == "ExpectedValue":
-            kind = (item.type or "").strip().lower()
+            kind = item.type
+            kind = kind.strip().lower() if kind else ""
             expected = NONEXISTENT if kind == TYPE_NONEXISTENT else str(value)
             self.registry.set_sz(key, name, expected)
             if kind == TYPE_SHA256:
