@@ -46,17 +46,49 @@ class DecodeFailure(Exception):
     """Internal: turned into SyncMLDecodeError by the codec."""
 
 
-def decode(data: bytes, max_bytes: int, max_nesting: int) -> SyncMLMessage:
+_ROOT_START = f'<SyncML xmlns="{SYNCML_NS}">'.encode()
+
+
+def decode(data: bytes, max_bytes: int, max_nesting: int, *,
+           unqualified: bool = True) -> SyncMLMessage:
+    """`unqualified`: parse the usual message with its root's default namespace declaration
+    taken out (see `_decode_unqualified`); False decodes every message as sent."""
     if not data:
         raise DecodeFailure("empty message")
     if len(data) > max_bytes:
         raise DecodeFailure(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if not data.isascii():  # ASCII is UTF-8: the check that matters is for the others
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeFailure(f"not UTF-8: invalid byte 0x{data[exc.start]:02X} at offset "
+                                f"{exc.start}") from None
+    root_at = _check_prolog(data)
+    if unqualified and root_at >= 0 and data.startswith(_ROOT_START, root_at):
+        message = _decode_unqualified(data, root_at, max_nesting)
+        if message is not None:
+            return message
+    return _parse(data, max_nesting, unqualified=False)
+
+
+def _decode_unqualified(data: bytes, root_at: int, max_nesting: int) -> SyncMLMessage | None:
+    """The message with `<SyncML xmlns="SYNCML:SYNCML1.2">` read as `<SyncML>`: the same
+    document but for the namespace of the elements that inherit the default one, and the
+    decoder reads element names without regard to namespace (`_NAMES` holds both forms), so
+    the same message comes out; lxml just builds the element names faster (`{ns}name` is
+    formatted on every `.tag`). Whatever this reading cannot vouch for gives None, and the
+    caller decodes the bytes as sent: any failure (its message must name what the server
+    sent: columns, lines) and Data with element children (serialized with namespaces).
+    tests/unit/test_syncml_decode_unqualified.py holds both readings to the same results."""
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeFailure(f"not UTF-8: invalid byte 0x{data[exc.start]:02X} at offset "
-                            f"{exc.start}") from None
-    _check_prolog(data)
+        return _parse(b"".join((data[:root_at], b"<SyncML>",
+                                data[root_at + len(_ROOT_START):])), max_nesting,
+                      unqualified=True)
+    except Exception:  # decoded again as sent, which reports it
+        return None
+
+
+def _parse(data: bytes, max_nesting: int, *, unqualified: bool) -> SyncMLMessage:
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              huge_tree=False, remove_comments=True, remove_pis=True,
                              collect_ids=False, encoding="utf-8")
@@ -66,13 +98,19 @@ def decode(data: bytes, max_bytes: int, max_nesting: int) -> SyncMLMessage:
         raise DecodeFailure(f"malformed XML: {exc}") from None
     if root.getroottree().docinfo.internalDTD is not None:  # _check_prolog should have caught it
         raise DecodeFailure("a DOCTYPE is not allowed")
-    return _Decoder(max_nesting).message(root)
+    return _Decoder(max_nesting, unqualified).message(root)
 
 
-def _check_prolog(data: bytes) -> None:
+class _Qualified(Exception):
+    """Internal: the unqualified reading met something it cannot vouch for."""
+
+
+def _check_prolog(data: bytes) -> int:
     """Refuse a DOCTYPE before parsing: it is the only way to declare entities (billion laughs,
     external entities), and SyncML never needs one. Only the prolog can hold it (XML 1.0 §2.8),
-    so text inside Data that merely mentions <!DOCTYPE is not affected."""
+    so text inside Data that merely mentions <!DOCTYPE is not affected. Returns the offset
+    of what follows the prolog (the root element in a well-formed message), -1 when the
+    prolog does not end (the parser reports it)."""
     i = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     n = len(data)
     while i < n:
@@ -81,19 +119,20 @@ def _check_prolog(data: bytes) -> None:
         if data.startswith(b"<?", i):
             end = data.find(b"?>", i + 2)
             if end < 0:
-                return  # the parser reports the unterminated declaration
+                return -1  # the parser reports the unterminated declaration
             i = end + 2
         elif data.startswith(b"<!--", i):
             end = data.find(b"-->", i + 4)
             if end < 0:
-                return
+                return -1
             i = end + 3
         elif data.startswith(b"<!", i):
             what = "a DOCTYPE" if data.startswith(b"<!DOCTYPE", i) else "a markup declaration"
             raise DecodeFailure(f"{what} is not allowed (offset {i}); SyncML messages carry "
                                 "no DTD and entity declarations are refused")
         else:
-            return
+            return i
+    return -1
 
 
 def _local(tag: object) -> str:
@@ -114,6 +153,9 @@ _NAMES: dict[object, str] = {
 }
 _COMMANDS: dict[str, Cmd] = {c.value: c for c in Cmd}
 _ITEM_KINDS: dict[str, Cmd] = {c.value: c for c in ITEM_COMMANDS}
+# The item commands by qualified tag: one lookup for the usual SyncBody child.
+_ITEM_TAGS: dict[object, Cmd] = {tag: _ITEM_KINDS[name] for tag, name in _NAMES.items()
+                                 if name in _ITEM_KINDS}
 
 
 def _not_text(el: etree._Element, what: str) -> DecodeFailure:
@@ -152,11 +194,16 @@ def _inner_xml(el: etree._Element) -> str:
 
 
 class _Decoder:
-    def __init__(self, max_nesting: int) -> None:
+    def __init__(self, max_nesting: int, unqualified: bool = False) -> None:
         self.max_nesting = max_nesting
+        self.unqualified = unqualified  # the root's namespace declaration was taken out
+        # Meta objects with only Format/Type, shared within the message (Meta is immutable;
+        # a message's items carry the same few, e.g. <Format>chr</Format>)
+        self._metas: dict[tuple[str | None, str | None], Meta] = {}
 
     def message(self, root: etree._Element) -> SyncMLMessage:
-        if root.tag != _NS_PREFIX + "SyncML":
+        if root.tag != _NS_PREFIX + "SyncML" and not (self.unqualified and
+                                                      root.tag == "SyncML"):
             local = _local(root.tag)
             if local == "SyncML":
                 ns = root.tag[1:].partition("}")[0] if root.tag.startswith("{") else "(none)"
@@ -181,8 +228,14 @@ class _Decoder:
         body: list[Command] = []
         final = False
         names = _NAMES
+        item_tags = _ITEM_TAGS
+        item_command = self.item_command
         for child in body_el:
             tag = child.tag
+            kind = item_tags.get(tag)
+            if kind is not None:  # the usual child, dispatched by its qualified tag
+                body.append(item_command(kind, child))
+                continue
             local = names.get(tag) or _local(tag)
             kind = _ITEM_KINDS.get(local)
             if kind is not None:  # the common case, dispatched here rather than in command()
@@ -266,6 +319,12 @@ class _Decoder:
                 fmt, typ, size = fmt or inner.format, typ or inner.type, size or inner.size
                 nonce = nonce or inner.next_nonce
                 max_msg, max_obj = max_msg or inner.max_msg_size, max_obj or inner.max_obj_size
+        if size is None and max_msg is None and max_obj is None and nonce is None:
+            key = (fmt, typ)
+            meta = self._metas.get(key)
+            if meta is None:
+                meta = self._metas[key] = _build.meta(fmt, typ)
+            return meta
         return _build.meta(fmt, typ, size, max_msg, max_obj, nonce)
 
     def cred(self, el: etree._Element) -> Cred:
@@ -291,6 +350,8 @@ class _Decoder:
                 target = self.loc(child, "Item/Target")[0]
             elif local == "Data":
                 if len(child):
+                    if self.unqualified:  # serialized with the namespaces as sent
+                        raise _Qualified
                     data, is_xml = _inner_xml(child), True
                 else:
                     data = child.text or ""
