@@ -158,6 +158,22 @@ _ITEM_TAGS: dict[object, Cmd] = {tag: _ITEM_KINDS[name] for tag, name in _NAMES.
                                  if name in _ITEM_KINDS}
 
 
+class _Tags:
+    """The element names `_Decoder.simple_command` compares, as lxml spells them in one
+    reading: qualified (`{SYNCML:SYNCML1.2}CmdID`) or unqualified (`CmdID`). MetInf children
+    may be in either namespace in both readings."""
+
+    def __init__(self, ns: str) -> None:
+        self.cmd_id, self.item, self.target, self.loc_uri, self.meta, self.data = (
+            f"{ns}{name}" for name in ("CmdID", "Item", "Target", "LocURI", "Meta", "Data"))
+        self.format = (f"{{{METINF_NS}}}Format", f"{ns}Format")
+        self.type = (f"{{{METINF_NS}}}Type", f"{ns}Type")
+
+
+_QUALIFIED_TAGS = _Tags(_NS_PREFIX)
+_UNQUALIFIED_TAGS = _Tags("")
+
+
 def _not_text(el: etree._Element, what: str) -> DecodeFailure:
     return DecodeFailure(f"<{what}> must hold text, found element <{_local(el[0].tag)}> "
                          f"(line {el.sourceline})")
@@ -197,6 +213,7 @@ class _Decoder:
     def __init__(self, max_nesting: int, unqualified: bool = False) -> None:
         self.max_nesting = max_nesting
         self.unqualified = unqualified  # the root's namespace declaration was taken out
+        self.tags = _UNQUALIFIED_TAGS if unqualified else _QUALIFIED_TAGS
         # Meta objects with only Format/Type, shared within the message (Meta is immutable;
         # a message's items carry the same few, e.g. <Format>chr</Format>)
         self._metas: dict[tuple[str | None, str | None], Meta] = {}
@@ -230,11 +247,12 @@ class _Decoder:
         names = _NAMES
         item_tags = _ITEM_TAGS
         item_command = self.item_command
+        simple = self.simple_command
         for child in body_el:
             tag = child.tag
             kind = item_tags.get(tag)
             if kind is not None:  # the usual child, dispatched by its qualified tag
-                body.append(item_command(kind, child))
+                body.append(simple(kind, child) or item_command(kind, child))
                 continue
             local = names.get(tag) or _local(tag)
             kind = _ITEM_KINDS.get(local)
@@ -320,11 +338,7 @@ class _Decoder:
                 nonce = nonce or inner.next_nonce
                 max_msg, max_obj = max_msg or inner.max_msg_size, max_obj or inner.max_obj_size
         if size is None and max_msg is None and max_obj is None and nonce is None:
-            key = (fmt, typ)
-            meta = self._metas.get(key)
-            if meta is None:
-                meta = self._metas[key] = _build.meta(fmt, typ)
-            return meta
+            return self._shared_meta(fmt, typ)
         return _build.meta(fmt, typ, size, max_msg, max_obj, nonce)
 
     def cred(self, el: etree._Element) -> Cred:
@@ -384,6 +398,61 @@ class _Decoder:
             if local == "CmdID":
                 return _text(child, "CmdID").strip()  # opaque text: servers send UUIDs
         return None
+
+    def simple_command(self, kind: Cmd, el: etree._Element) -> ItemCommand | None:
+        """The shape nearly every server command has, read without the general walk:
+        `<CmdID>` then one `<Item>` holding one `<Target><LocURI>`, at most one `<Meta>` (only
+        `<Format>`/`<Type>`, each at most once) and at most one `<Data>`, every text element
+        without children. The same ItemCommand `item_command` builds from it; None for
+        anything else (not consumed: `item_command` reads it then, errors included).
+        tests/unit/test_syncml_decode_simple.py holds both to the same results."""
+        if len(el) != 2:
+            return None
+        cmd_el, item_el = el
+        t = self.tags
+        if cmd_el.tag != t.cmd_id or item_el.tag != t.item or len(cmd_el):
+            return None
+        target = meta = data = None
+        for child in item_el:
+            tag = child.tag
+            if tag == t.target:
+                if target is not None or len(child) != 1:
+                    return None
+                loc = child[0]
+                if loc.tag != t.loc_uri or len(loc):
+                    return None
+                target = (loc.text or "").strip()
+            elif tag == t.data:
+                if data is not None or len(child):
+                    return None
+                data = child.text or ""
+            elif tag == t.meta:
+                if meta is not None:
+                    return None
+                fmt = typ = None
+                for sub in child:
+                    if len(sub):
+                        return None
+                    if sub.tag in t.format and fmt is None:
+                        fmt = (sub.text or "").strip()
+                    elif sub.tag in t.type and typ is None:
+                        typ = (sub.text or "").strip()
+                    else:
+                        return None
+                meta = self._shared_meta(fmt, typ)
+            else:
+                return None
+        if target is None:
+            return None
+        return _build.item_command(kind, (cmd_el.text or "").strip(),
+                                   (_build.item(target, None, meta, data),), None, False, None)
+
+    def _shared_meta(self, fmt: str | None, typ: str | None) -> Meta:
+        key = (fmt, typ)
+        meta = self._metas.get(key)
+        if meta is None:
+            meta = self._metas[key] = _build.meta(fmt, typ)
+        return meta
 
     def item_command(self, kind: Cmd, el: etree._Element) -> ItemCommand:
         cmd_id = None
