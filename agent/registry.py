@@ -109,8 +109,8 @@ class Registry:
         self._key_ids: dict[str, int | None] = {}  # folded key path -> id, None = missing
         self._rows: dict[tuple[int, str], Row | None] = {}  # (key id, folded name) -> row
         self._subkeys: dict[str, list[str]] = {}  # folded key path -> subkey names, sorted
-        # folded key path -> (subkey_values() of it, folded subkey name -> stored name)
-        self._children_values: dict[str, tuple[Table, dict[str, str]]] = {}
+        # folded key path -> its subkey_values() table (see _Subtable)
+        self._children_values: dict[str, _Subtable] = {}
         self._normalized: dict[str, tuple[str, str]] = {}  # path -> (canonical, folded)
         self._folded_names: dict[str, str] = {}  # value name -> fold(name)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -412,11 +412,11 @@ class Registry:
         if self._cache_live:
             self._rows[(key_id, name_lc)] = (name, type_, stored)
             if self._children_values:
-                self._table_changed(lc, name_lc, decode_data(type_, stored)
-                                    if type_ in CONVERTED else stored)
+                self._table_changed(lc, name_lc, stored if type_ is SZ or type_ not in CONVERTED
+                                    else decode_data(type_, stored))
 
     def set_sz(self, path: str, name: str, data: str) -> None:
-        self.set_value(path, name, RegType.REG_SZ, data)
+        self.set_value(path, name, SZ, data)
 
     def set_dword(self, path: str, name: str, data: int) -> None:
         self.set_value(path, name, RegType.REG_DWORD, data)
@@ -467,7 +467,7 @@ class Registry:
             if self._cache_live:
                 hit = self._children_values.get(lc)
                 if hit is not None:
-                    return hit[0]
+                    return hit.hand_out()
             table: Table = {}
             for key_path, name_lc, type_num, raw in self._conn.execute(
                     'SELECT k.path, v.name_lc, v.type, v.data FROM keys k LEFT JOIN "values" v '
@@ -476,29 +476,18 @@ class Registry:
                 if name_lc is not None:
                     values[name_lc] = decode_data(TYPES[type_num], raw)
             if self._cache_live:
-                self._children_values[lc] = (table, {fold(n): n for n in table})
+                self._children_values[lc] = _Subtable(table, {fold(n): n for n in table})
             return table
 
     def _table_changed(self, lc: str, name_lc: str, data: RegData | None) -> None:
         """A value of key `lc` was written (None: deleted): update the cached subkey_values()
-        of its parent copy-on-write, so a mapping handed out earlier stays as it was."""
+        of its parent (copy-on-write, see _Subtable)."""
         parent_lc, _, child_lc = lc.rpartition("\\")
         entry = self._children_values.get(parent_lc)
         if entry is None:
             return
-        table, stored_names = entry
-        stored = stored_names.get(child_lc)
-        if stored is None:  # not a subkey the table knows: read it again next time
-            del self._children_values[parent_lc]
-            return
-        values = dict(table[stored])
-        if data is None:
-            values.pop(name_lc, None)
-        else:
-            values[name_lc] = data
-        table = dict(table)
-        table[stored] = values
-        self._children_values[parent_lc] = (table, stored_names)
+        if not entry.change(child_lc, name_lc, data):  # not a subkey the table knows
+            del self._children_values[parent_lc]  # read it again next time
 
     def delete_value(self, path: str, name: str) -> bool:
         lc = (self._normalized.get(path) or self._canon(path))[1]
@@ -587,6 +576,46 @@ class Registry:
         rows = self._conn.execute(
             'SELECT name, type, data FROM "values" WHERE key_id = ? ORDER BY name_lc', (key_id,))
         return [decode_row((r[0], TYPES[r[1]], r[2])) for r in rows]
+
+
+class _Subtable:
+    """A cached subkey_values() table that follows writes. What was handed out never changes
+    under its holder: after a hand-out the first write copies the table, and each subkey's
+    values are copied once before their first change; until the next hand-out the copies are
+    this cache's own and change in place (a message writing many NodeCache nodes copies the
+    table once, not once per write)."""
+
+    __slots__ = ("names", "owned", "shared", "table")
+
+    def __init__(self, table: Table, names: dict[str, str]) -> None:
+        self.table = table
+        self.names = names  # folded subkey name -> stored name
+        self.shared = True  # `table` has been handed out
+        self.owned: set[str] = set()  # subkeys whose values dict is not handed out
+
+    def hand_out(self) -> Table:
+        self.shared = True
+        self.owned.clear()
+        return self.table
+
+    def change(self, child_lc: str, name_lc: str, data: RegData | None) -> bool:
+        stored = self.names.get(child_lc)
+        if stored is None:
+            return False
+        table = self.table
+        if self.shared:
+            table = self.table = dict(table)
+            self.shared = False
+        if stored in self.owned:
+            values = table[stored]
+        else:
+            values = table[stored] = dict(table[stored])
+            self.owned.add(stored)
+        if data is None:
+            values.pop(name_lc, None)
+        else:
+            values[name_lc] = data
+        return True
 
 
 _SAVEPOINT_SQL: Final = {verb: tuple(f"{verb} sp{n + 1}" for n in range(32))

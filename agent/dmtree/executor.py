@@ -306,9 +306,9 @@ class TreeExecutor:
             with self.store.transaction():
                 if kind is _GET:
                     node = self.tree.get(target)
-                    outcome.result = _build.item(source=target,
-                                                 meta=self._meta(node.format, node.type),
-                                                 data=node.data)
+                    # _build.item(target, source, meta, data): a Results item
+                    outcome.result = _build.item(None, target, self._meta(node.format, node.type),
+                                                 node.data)
                 elif kind is _DELETE:
                     self.tree.delete(target)
                 else:

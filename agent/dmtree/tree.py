@@ -54,6 +54,11 @@ class DMTree:
     # --- operations --------------------------------------------------------------------------
 
     def get(self, uri: NodeUri | str) -> NodeValue:
+        if type(uri) is str:  # _locate's memo hit for a node some CSP owns, inline
+            hit = self._located.get(uri)
+            if hit is not None and type(hit[1]) is tuple:
+                csp, rel = hit[1]
+                return csp.get(rel)
         uri, found = self._locate(uri)
         if found is None:
             return NodeValue(Format.NODE, "/".join(encode_segment(c)
@@ -73,6 +78,12 @@ class DMTree:
         csp.add(rel, item)
 
     def replace(self, uri: NodeUri | str, item: ItemValue) -> None:
+        if type(uri) is str:  # as in get()
+            hit = self._located.get(uri)
+            if hit is not None and type(hit[1]) is tuple:
+                csp, rel = hit[1]
+                csp.replace(rel, item)
+                return
         csp, rel = self._require_csp(uri, "Replace")
         csp.replace(rel, item)
 

@@ -232,3 +232,28 @@ def test_threads_sharing_one_registry_keep_their_own_blocks(reg: Registry) -> No
     assert reg.query(K, "n") == 100
     assert reg.query(K, "junk") is None
     assert not reg.in_transaction
+
+
+def test_tables_handed_out_never_change_while_the_cache_follows_writes(reg: Registry) -> None:
+    """subkey_values() copies its cached table once after a hand-out and each subkey's values
+    once; later writes change those copies in place, never what a caller holds."""
+    base = r"HKLM\Nodes"
+    for n in ("1", "2"):
+        reg.set_sz(rf"{base}\{n}", "NodeURI", f"./{n}")
+    with reg.transaction():
+        first = reg.subkey_values(base)
+        snapshot_first = {k: dict(v) for k, v in first.items()}
+        reg.set_sz(rf"{base}\1", "ExpectedValue", "a")
+        reg.set_sz(rf"{base}\1", "ExpectedValue", "b")  # in place: the cache's own copy now
+        reg.set_sz(rf"{base}\2", "ExpectedValue", "c")
+        assert first == snapshot_first
+        second = reg.subkey_values(base)
+        assert second == {"1": {"NODEURI": "./1", "EXPECTEDVALUE": "b"},
+                          "2": {"NODEURI": "./2", "EXPECTEDVALUE": "c"}}
+        reg.delete_value(rf"{base}\1", "ExpectedValue")
+        reg.set_sz(rf"{base}\2", "ExpectedValue", "d")
+        assert second == {"1": {"NODEURI": "./1", "EXPECTEDVALUE": "b"},
+                          "2": {"NODEURI": "./2", "EXPECTEDVALUE": "c"}}
+        assert reg.subkey_values(base) == {"1": {"NODEURI": "./1"},
+                                           "2": {"NODEURI": "./2", "EXPECTEDVALUE": "d"}}
+        assert first == snapshot_first
