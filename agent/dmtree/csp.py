@@ -75,7 +75,7 @@ def item_value(data: str | None, format: str | None, type: str | None) -> ItemVa
     """`ItemValue(data, format, type)` without the frozen dataclass `__init__` (which sets each
     field through `object.__setattr__`): the executor makes one per Add/Replace/Exec. Same
     object as the constructor's (tests/unit/test_dmtree_single.py); valid while ItemValue has
-    exactly these three fields, which the assertion below checks at import."""
+    exactly these three fields, which is checked below at import."""
     obj: ItemValue = _new_object(ItemValue)
     d = obj.__dict__
     d["data"] = data

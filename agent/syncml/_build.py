@@ -127,3 +127,31 @@ def item_command(kind: Cmd, cmd_id: str | None, items: tuple[Item, ...], meta: M
     d["no_resp"] = no_resp
     d["cred"] = cred
     return obj
+
+
+def one_item_command(kind: Cmd, cmd_id: str, target: str, meta: Meta | None,
+                     data: str | None) -> ItemCommand:
+    """item_command(kind, cmd_id, (item(target, None, meta, data),), None, False, None) in
+    one call: the decoder's usual command."""
+    it: Item = _new(Item)
+    d = it.__dict__
+    if _ITEM:
+        d.update(_ITEM)
+    d["target"] = target
+    d["source"] = None
+    d["source_name"] = None
+    d["meta"] = meta
+    d["data"] = data
+    d["more_data"] = False
+    d["data_is_xml"] = False
+    obj: ItemCommand = _new(ItemCommand)
+    d = obj.__dict__
+    if _ITEM_COMMAND:
+        d.update(_ITEM_COMMAND)
+    d["kind"] = kind
+    d["cmd_id"] = cmd_id
+    d["items"] = (it,)
+    d["meta"] = None
+    d["no_resp"] = False
+    d["cred"] = None
+    return obj

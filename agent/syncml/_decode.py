@@ -12,6 +12,7 @@ inside a command are skipped; unknown elements in SyncBody, Atomic and Sequence 
 from __future__ import annotations
 
 import copy
+from typing import Final
 
 from lxml import etree
 
@@ -51,8 +52,9 @@ _ROOT_START = f'<SyncML xmlns="{SYNCML_NS}">'.encode()
 
 def decode(data: bytes, max_bytes: int, max_nesting: int, *,
            unqualified: bool = True) -> SyncMLMessage:
-    """`unqualified`: parse the usual message with its root's default namespace declaration
-    taken out (see `_decode_unqualified`); False decodes every message as sent."""
+    """`unqualified`: read the usual message the fast ways, with ElementTree (`_expat`) or
+    with lxml after taking its root's default namespace declaration out (see
+    `_decode_unqualified`); False decodes every message as sent, with lxml."""
     if not data:
         raise DecodeFailure("empty message")
     if len(data) > max_bytes:
@@ -64,6 +66,12 @@ def decode(data: bytes, max_bytes: int, max_nesting: int, *,
             raise DecodeFailure(f"not UTF-8: invalid byte 0x{data[exc.start]:02X} at offset "
                                 f"{exc.start}") from None
     root_at = _check_prolog(data)
+    if unqualified and root_at == 0:
+        from agent.syncml._expat import decode_usual  # it imports this module
+
+        message = decode_usual(data, max_nesting)
+        if message is not None:
+            return message
     if unqualified and root_at >= 0 and data.startswith(_ROOT_START, root_at):
         message = _decode_unqualified(data, root_at, max_nesting)
         if message is not None:
@@ -158,20 +166,19 @@ _ITEM_TAGS: dict[object, Cmd] = {tag: _ITEM_KINDS[name] for tag, name in _NAMES.
                                  if name in _ITEM_KINDS}
 
 
-class _Tags:
-    """The element names `_Decoder.simple_command` compares, as lxml spells them in one
-    reading: qualified (`{SYNCML:SYNCML1.2}CmdID`) or unqualified (`CmdID`). MetInf children
-    may be in either namespace in both readings."""
-
-    def __init__(self, ns: str) -> None:
-        self.cmd_id, self.item, self.target, self.loc_uri, self.meta, self.data = (
-            f"{ns}{name}" for name in ("CmdID", "Item", "Target", "LocURI", "Meta", "Data"))
-        self.format = (f"{{{METINF_NS}}}Format", f"{ns}Format")
-        self.type = (f"{{{METINF_NS}}}Type", f"{ns}Type")
+_Tags = tuple[str, str, str, str, str, str, tuple[str, str], tuple[str, str]]
 
 
-_QUALIFIED_TAGS = _Tags(_NS_PREFIX)
-_UNQUALIFIED_TAGS = _Tags("")
+def _tags(ns: str) -> _Tags:
+    """The element names `_Decoder.simple_command` compares, as the parser spells them in one
+    reading: qualified (`{SYNCML:SYNCML1.2}CmdID`) or unqualified (`CmdID`): CmdID, Item,
+    Target, LocURI, Meta, Data, then Format and Type, which may be in either namespace."""
+    return (f"{ns}CmdID", f"{ns}Item", f"{ns}Target", f"{ns}LocURI", f"{ns}Meta", f"{ns}Data",
+            (f"{{{METINF_NS}}}Format", f"{ns}Format"), (f"{{{METINF_NS}}}Type", f"{ns}Type"))
+
+
+_QUALIFIED_TAGS: Final = _tags(_NS_PREFIX)
+_UNQUALIFIED_TAGS: Final = _tags("")
 
 
 def _not_text(el: etree._Element, what: str) -> DecodeFailure:
@@ -409,33 +416,33 @@ class _Decoder:
         if len(el) != 2:
             return None
         cmd_el, item_el = el
-        t = self.tags
-        if cmd_el.tag != t.cmd_id or item_el.tag != t.item or len(cmd_el):
+        t_cmd_id, t_item, t_target, t_loc_uri, t_meta, t_data, t_format, t_type = self.tags
+        if cmd_el.tag != t_cmd_id or item_el.tag != t_item or len(cmd_el):
             return None
         target = meta = data = None
         for child in item_el:
             tag = child.tag
-            if tag == t.target:
+            if tag == t_target:
                 if target is not None or len(child) != 1:
                     return None
                 loc = child[0]
-                if loc.tag != t.loc_uri or len(loc):
+                if loc.tag != t_loc_uri or len(loc):
                     return None
                 target = (loc.text or "").strip()
-            elif tag == t.data:
+            elif tag == t_data:
                 if data is not None or len(child):
                     return None
                 data = child.text or ""
-            elif tag == t.meta:
+            elif tag == t_meta:
                 if meta is not None:
                     return None
                 fmt = typ = None
                 for sub in child:
                     if len(sub):
                         return None
-                    if sub.tag in t.format and fmt is None:
+                    if sub.tag in t_format and fmt is None:
                         fmt = (sub.text or "").strip()
-                    elif sub.tag in t.type and typ is None:
+                    elif sub.tag in t_type and typ is None:
                         typ = (sub.text or "").strip()
                     else:
                         return None
@@ -444,8 +451,7 @@ class _Decoder:
                 return None
         if target is None:
             return None
-        return _build.item_command(kind, (cmd_el.text or "").strip(),
-                                   (_build.item(target, None, meta, data),), None, False, None)
+        return _build.one_item_command(kind, (cmd_el.text or "").strip(), target, meta, data)
 
     def _shared_meta(self, fmt: str | None, typ: str | None) -> Meta:
         key = (fmt, typ)

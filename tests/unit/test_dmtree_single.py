@@ -221,3 +221,17 @@ def test_short_path_answers_as_the_general_path(tmp_path: Path, echo: bool,
     else:
         assert {200, 400, 404, 405, 406, 409, 415, 418, 500, 414} <= answered
         assert sum(isinstance(r, Results) for r in out) >= 10
+
+
+def test_item_value_builder_makes_what_the_constructor_makes() -> None:
+    import dataclasses
+
+    from agent.dmtree.csp import item_value
+
+    for args in [("x", "chr", None), (None, None, None), ("", "int", "text/plain")]:
+        built, constructed = item_value(*args), ItemValue(*args)
+        assert built == constructed and hash(built) == hash(constructed)
+        assert repr(built) == repr(constructed) and vars(built) == vars(constructed)
+        assert dataclasses.replace(built) == constructed
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.data = "y"  # type: ignore[misc]

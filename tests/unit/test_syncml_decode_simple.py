@@ -132,3 +132,24 @@ def test_the_usual_shapes_take_the_short_path(unqualified: bool) -> None:
     (item,) = replace.items
     assert (replace.cmd_id, item.target, item.data) == ("r1", "./a", "10.0.1")
     assert item.meta is not None and (item.meta.format, item.meta.type) == ("chr", "text/plain")
+
+
+def test_the_one_item_builder_makes_what_the_constructors_make() -> None:
+    import dataclasses
+    import pickle
+
+    from agent.syncml import _build
+    from agent.syncml.messages import Cmd, Item, Meta
+
+    meta = Meta(format="chr")
+    for built, constructed in [
+        (_build.one_item_command(Cmd.REPLACE, "r1", "./a", meta, "1"),
+         ItemCommand(Cmd.REPLACE, "r1", (Item(target="./a", meta=meta, data="1"),))),
+        (_build.one_item_command(Cmd.GET, "", "./b", None, None),
+         ItemCommand(Cmd.GET, "", (Item(target="./b"),))),
+    ]:
+        assert built == constructed and hash(built) == hash(constructed)
+        assert repr(built) == repr(constructed) and vars(built) == vars(constructed)
+        assert vars(built.items[0]) == vars(constructed.items[0])
+        assert pickle.loads(pickle.dumps(built)) == constructed
+        assert dataclasses.replace(built) == constructed

@@ -1,0 +1,113 @@
+"""The usual server message read with the C ElementTree parser (part of `agent.syncml._decode`).
+
+Why: lxml builds a Python proxy object and formats a `{namespace}name` string each time the
+decoder touches an element; ElementTree's C tree holds ready Python objects, so walking the
+usual 50-command message costs about half (a quarter of the client's CPU per message went into
+that walk). lxml stays the parser of record: this module only reads messages it can vouch for
+and answers None for everything else, and the caller then decodes the bytes with lxml, which
+decides every error and every other message.
+
+What it takes (anything else: None):
+- at most `MAX_BYTES`, starting with the root element: no BOM, XML declaration or comment
+  before it (expat accepts declarations libxml2 refuses, e.g. version="2.0");
+- `<SyncML>` (SyncML namespace) holding exactly `<SyncHdr>` then `<SyncBody>`;
+- a header of the known text elements, Target/Source with LocURI/LocName, Meta with the
+  known MetInf leaves, NoResp (no Cred);
+- a body of item commands in the usual shape (`_Decoder.simple_command`), Status elements
+  of text elements only, and Final.
+
+Why it gives what lxml gives: libxml2 refuses nothing this accepts — names stay under its
+50,000-character limit (the size bound), nesting is at most five deep (the shapes), and at the
+character level the two parsers agree on what is well-formed (tests/unit/
+test_syncml_decode_expat.py holds them to it, with the same decoding, over the codec's
+vectors, hostile input and mutated messages); and the elements read are decoded by the same
+`_Decoder` code, over the same names, text and children.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any, Final
+
+from agent.syncml._decode import _ITEM_TAGS, _Decoder
+from agent.syncml.messages import METINF_NS, SYNCML_NS, Command, SyncMLMessage
+
+MAX_BYTES: Final = 48 * 1024  # < 50,000: libxml2's name length limit cannot be reached
+
+_S: Final = "{" + SYNCML_NS + "}"
+_ROOT, _HEADER, _BODY, _STATUS, _FINAL, _META, _NO_RESP = (
+    _S + name for name in ("SyncML", "SyncHdr", "SyncBody", "Status", "Final", "Meta", "NoResp"))
+_HEADER_TEXT: Final = frozenset(_S + name for name in ("VerDTD", "VerProto", "SessionID",
+                                                        "MsgID", "RespURI"))
+_LOCATIONS: Final = frozenset((_S + "Target", _S + "Source"))
+_LOCATION_TEXT: Final = frozenset((_S + "LocURI", _S + "LocName"))
+_META_TEXT: Final = frozenset(f"{{{ns}}}{name}" for ns in (METINF_NS, SYNCML_NS)
+                              for name in ("Format", "Type", "Size", "MaxMsgSize",
+                                           "MaxObjSize", "NextNonce"))
+_STATUS_TEXT: Final = frozenset(_S + name for name in ("CmdID", "MsgRef", "CmdRef", "Cmd",
+                                                        "Data", "TargetRef", "SourceRef"))
+
+
+def decode_usual(data: bytes, max_nesting: int) -> SyncMLMessage | None:
+    """The message, or None when lxml must read it (see the module docstring). `data` has
+    passed `_decode.decode`'s checks (size, UTF-8, no DOCTYPE)."""
+    if len(data) > MAX_BYTES or not data.startswith(b"<"):
+        return None
+    try:
+        # (S314: no DTD can reach expat: the root is at offset 0, and a DOCTYPE is only
+        # legal before it), so no entity can be declared; size bounded by MAX_BYTES.
+        parser = ET.XMLParser(encoding="utf-8")  # noqa: S314
+        parser.feed(data)
+        root = parser.close()
+        return _read(root, max_nesting)
+    except Exception:  # malformed, or a shape the decoder raises on: lxml reports it
+        return None
+
+
+def _read(root: Any, max_nesting: int) -> SyncMLMessage | None:
+    if root.tag != _ROOT or len(root) != 2:
+        return None
+    header_el, body_el = root
+    if header_el.tag != _HEADER or body_el.tag != _BODY or not _usual_header(header_el):
+        return None
+    decoder = _Decoder(max_nesting)
+    header = decoder.header(header_el)
+    body: list[Command] = []
+    final = False
+    for child in body_el:
+        tag = child.tag
+        kind = _ITEM_TAGS.get(tag)
+        if kind is not None:
+            command = decoder.simple_command(kind, child)
+            if command is None:
+                return None
+            body.append(command)
+        elif tag == _STATUS and _leaves(child, _STATUS_TEXT):
+            body.append(decoder.status(child))
+        elif tag == _FINAL and not len(child):
+            final = True
+        else:
+            return None
+    return SyncMLMessage(header, tuple(body), final)
+
+
+def _usual_header(el: Any) -> bool:
+    for child in el:
+        tag = child.tag
+        if tag in _HEADER_TEXT or tag == _NO_RESP:
+            if len(child):
+                return False
+        elif tag in _LOCATIONS:
+            if not _leaves(child, _LOCATION_TEXT):
+                return False
+        elif tag == _META:
+            if not _leaves(child, _META_TEXT):
+                return False
+        else:
+            return False
+    return True
+
+
+def _leaves(el: Any, allowed: frozenset[str]) -> bool:
+    """Every child is an allowed element without children of its own."""
+    return all(child.tag in allowed and not len(child) for child in el)
