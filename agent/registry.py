@@ -206,6 +206,34 @@ class Registry:
         """All-or-nothing block; nests through savepoints. Raise `Rollback` to undo quietly."""
         return self._blocks
 
+    def begin_nested(self) -> int:
+        """`with transaction():` inside the transaction this thread has open, as two calls
+        (the DM executor opens one block per command; a `with` costs more than the block).
+        Returns the token for `end_nested`, which must follow in every case, blocks closing
+        in the reverse order of opening."""
+        self._lock.acquire()
+        if not self._depth:
+            self._lock.release()
+            raise LocalError("begin_nested() outside a transaction")
+        self._depth += 1
+        return self._writes
+
+    def end_nested(self, token: int, exc: BaseException | None) -> bool:
+        """Close the block `begin_nested` opened: kept when `exc` is None, undone otherwise.
+        True when `exc` is a `Rollback` (to swallow, as `with transaction():` does)."""
+        try:
+            index = self._depth - 2
+            if exc is None and index >= self._materialized:  # as _Blocks.__exit__ inlines it
+                soft = self._soft
+                if soft is not None and soft[0] == index:
+                    self._soft = None
+                self._depth -= 1
+            else:
+                self._exit_savepoint(index, exc is None, token)
+        finally:
+            self._lock.release()
+        return isinstance(exc, Rollback)
+
     def _begin(self) -> None:
         self._cur.execute("BEGIN IMMEDIATE")
         try:

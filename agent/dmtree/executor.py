@@ -45,7 +45,7 @@ from agent.dmtree.csp import ItemValue, item_value
 from agent.dmtree.errors import DMStatusError
 from agent.dmtree.tree import DMTree
 from agent.errors import DmAgentError, NotFoundError
-from agent.registry import Rollback
+from agent.registry import Registry, Rollback
 from agent.syncml import _build
 from agent.syncml.messages import (
     Alert,
@@ -70,6 +70,36 @@ class TransactionalStore(Protocol):
     that raising `agent.registry.Rollback` undoes. `Registry` is one."""
 
     def transaction(self) -> AbstractContextManager[None]: ...
+
+
+class _NestedBlocks(Protocol):
+    """Nested blocks as two calls (`Registry.begin_nested` / `end_nested`)."""
+
+    def begin_nested(self) -> int: ...
+
+    def end_nested(self, token: int, exc: BaseException | None) -> bool: ...
+
+
+class _StoreBlocks:
+    """`_NestedBlocks` over any `TransactionalStore`: each block is one `transaction()`
+    entered and exited by hand, exactly as a `with` statement does it."""
+
+    def __init__(self, store: TransactionalStore) -> None:
+        self.store = store
+        self.open: list[AbstractContextManager[None]] = []
+
+    def begin_nested(self) -> int:
+        block = self.store.transaction()
+        block.__enter__()
+        self.open.append(block)
+        return 0
+
+    def end_nested(self, token: int, exc: BaseException | None) -> bool:
+        block = self.open.pop()
+        if exc is None:
+            block.__exit__(None, None, None)
+            return False
+        return bool(block.__exit__(type(exc), exc, exc.__traceback__))
 
 
 @dataclass(frozen=True)
@@ -158,6 +188,9 @@ class TreeExecutor:
         self.echo_target_refs = echo_target_refs
         self.failures: list[Failure] = []
         self._metas: dict[tuple[str, str | None], Meta] = {}
+        # The per-command blocks of _single: the registry's own calls when the store is one
+        self._blocks: _NestedBlocks = store if isinstance(store, Registry) else \
+            _StoreBlocks(store)
 
     def execute(self, commands: Sequence[Command], msg_ref: str) -> list[Status | Results]:
         self.failures = []
@@ -302,8 +335,11 @@ class TreeExecutor:
         target = outcome.target = (item.target or "").strip()
         deferred = self.tree.deferred
         mark = len(deferred)
+        blocks = self._blocks
         try:
-            with self.store.transaction():
+            # `with self.store.transaction():` as two calls (a `with` costs more than the block)
+            token = blocks.begin_nested()
+            try:
                 if kind is _GET:
                     node = self.tree.get(target)
                     # _build.item(target, source, meta, data): a Results item
@@ -316,6 +352,11 @@ class TreeExecutor:
                     self._apply(kind, target, item_value(
                         item.data, meta.format, meta.type) if meta is not None else
                         item_value(item.data, None, None))
+            except BaseException as exc:
+                if not blocks.end_nested(token, exc):
+                    raise
+            else:
+                blocks.end_nested(token, None)
         except DMStatusError as exc:
             deferred.discard(mark)
             outcome.code = exc.code
@@ -343,6 +384,7 @@ class TreeExecutor:
                               meta.type if meta else None)
         deferred = self.tree.deferred
         mark = len(deferred)
+        result = None  # also when a CSP's Rollback ends the block quietly (it was unbound)
         try:
             with self.store.transaction():
                 result = self._apply(kind, target, value)

@@ -21,7 +21,7 @@ from agent.dmtree.csp import CSP, ItemValue, Op, Resolved, Value, interior, leaf
 from agent.dmtree.executor import TreeExecutor
 from agent.dmtree.uri import Scope
 from agent.errors import LocalError, NotFoundError
-from agent.registry import Registry
+from agent.registry import Registry, Rollback
 from agent.syncml.messages import Cmd, Command, Item, ItemCommand, Meta, Results, Status
 from tests.unit.dmtree_support import (
     Env,
@@ -75,7 +75,7 @@ class FaultCSP(CSP):
 
     schema = interior("Test", Op.GET, *(leaf(name, "chr", Op.REPLACE | Op.GET | Op.EXEC)
                                         for name in ("Ok", "Status", "Agent", "Missing",
-                                                     "Crash")))
+                                                     "Crash", "Quiet")))
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -108,6 +108,8 @@ class FaultCSP(CSP):
             raise NotFoundError("no such thing")
         if name == "Crash":
             raise RuntimeError("CSP bug")
+        if name == "Quiet":  # the store's own "undo quietly": the block swallows it
+            raise Rollback
 
 
 class FailingCommit:
@@ -168,6 +170,7 @@ COMMANDS: list[Command] = [
     rep("36", f"{TEST}/Ok", "after"), rep("37", f"{TEST}/Status", "x"),
     rep("38", f"{TEST}/Agent", "x"), rep("39", f"{TEST}/Missing", "x"),
     rep("40", f"{TEST}/Crash", "x"), exec_("41", f"{TEST}/Crash", "run"),
+    rep("40b", f"{TEST}/Quiet", "x"), exec_("41b", f"{TEST}/Quiet", "run"),
     exec_("42", f"{TEST}/Ok", "ran"),
     # NoResp, CmdIDs with whitespace or none, commands the short path leaves alone
     cmd(Cmd.REPLACE, "43", FIRST, "50", "int", no_resp=True),

@@ -257,3 +257,28 @@ def test_tables_handed_out_never_change_while_the_cache_follows_writes(reg: Regi
         assert reg.subkey_values(base) == {"1": {"NODEURI": "./1"},
                                            "2": {"NODEURI": "./2", "EXPECTEDVALUE": "d"}}
         assert first == snapshot_first
+
+
+def test_begin_and_end_nested_are_a_nested_with_block(reg: Registry) -> None:
+    """The executor's per-command block as two calls: kept, undone, Rollback swallowed."""
+    from agent.errors import LocalError
+
+    with pytest.raises(LocalError):
+        reg.begin_nested()  # only inside a transaction
+    assert not reg._lock._is_owned()  # type: ignore[attr-defined]
+    reg.set_sz(K, "a", "1")
+    with reg.transaction():
+        reg.query(K, "a")
+        token = reg.begin_nested()
+        reg.set_sz(K, "a", "2")
+        assert reg.end_nested(token, None) is False  # kept
+        token = reg.begin_nested()
+        reg.set_sz(K, "a", "3")
+        reg.set_sz(K, "b", "x")
+        assert reg.end_nested(token, RuntimeError("CSP bug")) is False  # undone, not swallowed
+        assert (reg.query(K, "a"), reg.query(K, "b")) == ("2", None)
+        token = reg.begin_nested()
+        reg.set_sz(K, "a", "4")
+        assert reg.end_nested(token, Rollback()) is True  # undone and swallowed
+        assert reg.query(K, "a") == "2"
+    assert reg.query(K, "a") == "2" and not reg.in_transaction
