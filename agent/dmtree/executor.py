@@ -114,6 +114,8 @@ class Failure:
 
 
 _OK = int(StatusCode.OK)
+_FAILED = int(StatusCode.COMMAND_FAILED)
+_NOT_FOUND = int(StatusCode.NOT_FOUND)
 
 
 class _ItemOutcome:
@@ -257,7 +259,7 @@ class TreeExecutor:
         """Rewrite what had succeeded in a transaction that did not commit."""
         if type(outcome) is _Single:
             if outcome.code in _DONE:
-                outcome.code = StatusCode.COMMAND_FAILED
+                outcome.code = _FAILED
                 outcome.result = None
                 self._fail(outcome, outcome.target, StatusCode.COMMAND_FAILED, why)
             return
@@ -363,13 +365,12 @@ class TreeExecutor:
             self._fail(outcome, target, exc.code, exc.message)
         except DmAgentError as exc:
             deferred.discard(mark)
-            outcome.code = StatusCode.NOT_FOUND if isinstance(exc, NotFoundError) else \
-                StatusCode.COMMAND_FAILED
+            outcome.code = _NOT_FOUND if isinstance(exc, NotFoundError) else _FAILED
             self._fail(outcome, target, outcome.code, exc.message)
         except Exception as exc:  # a store or CSP fault: fail this command, keep the session
             deferred.discard(mark)
             log.warning("%s %s failed: %s", outcome.name, target, exc, exc_info=True)
-            outcome.code = StatusCode.COMMAND_FAILED
+            outcome.code = _FAILED
             self._fail(outcome, target, StatusCode.COMMAND_FAILED,
                        f"{type(exc).__name__}: {exc}")
         return outcome
@@ -436,7 +437,10 @@ class TreeExecutor:
         if meta is None:
             if len(self._metas) >= 64:
                 self._metas.clear()
-            meta = self._metas[key] = Meta(format=fmt, type=type_)
+            # plain str values (NodeValue formats are Format members): the encoder writes
+            # them into every Results, and an f-string formats a str subclass the slow way
+            meta = self._metas[key] = Meta(format=str.__str__(fmt),
+                                           type=None if type_ is None else str.__str__(type_))
         return meta
 
     def _atomic(self, cmd: Container, outcome: _Outcome, in_atomic: bool) -> _Outcome:
