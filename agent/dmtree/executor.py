@@ -154,19 +154,9 @@ class _Outcome:
             child.mark_rolled_back(code)
 
 
-class _Single:
-    """The outcome of a one-Item command run by `TreeExecutor._single`: what an `_Outcome`
-    with one `_ItemOutcome` records, in one object."""
-
-    __slots__ = ("cmd_ref", "code", "name", "no_resp", "result", "target")
-
-    def __init__(self, name: str, cmd_ref: str, no_resp: bool) -> None:
-        self.name = name
-        self.cmd_ref = cmd_ref
-        self.no_resp = no_resp
-        self.code = _OK
-        self.target = ""
-        self.result: Item | None = None
+# The outcome of a one-Item command run by `TreeExecutor._single`: what an `_Outcome` with one
+# `_ItemOutcome` records, as one tuple: (Cmd name, CmdRef, NoResp, target, code, Results item).
+_SingleOutcome = tuple[str, str, bool, str, int, Item | None]
 
 
 @dataclass
@@ -219,7 +209,7 @@ class TreeExecutor:
             return []
         deferred = self.tree.deferred
         mark = deferred.mark()
-        outcomes: list[_Outcome | _Single] = []
+        outcomes: list[_Outcome | _SingleOutcome] = []
         single = self._single
         try:
             with self.store.transaction():
@@ -236,34 +226,34 @@ class TreeExecutor:
         except Exception as exc:  # the commit failed: nothing of the batch was applied
             deferred.discard(mark)
             log.error("commit of %d commands failed: %s", len(commands), exc, exc_info=True)
-            for outcome in outcomes:
-                self._commit_failed(outcome, f"commit failed: {exc}")
+            why = f"commit failed: {exc}"
+            for i, outcome in enumerate(outcomes):
+                if isinstance(outcome, tuple):  # what _commit_failed does for an _Outcome
+                    name, cmd_ref, no_resp, target, code, _ = outcome
+                    if code in _DONE:
+                        outcomes[i] = (name, cmd_ref, no_resp, target, _FAILED, None)
+                        self._failed(name, cmd_ref, target, StatusCode.COMMAND_FAILED, why)
+                else:
+                    self._commit_failed(outcome, why)
         else:
             deferred.flush()
         out: list[Status | Results] = []
         status = _build.status
         echo = self.echo_target_refs
         for outcome in outcomes:
-            if isinstance(outcome, _Single):  # _render's one-Item case, inline
-                if not outcome.no_resp:
-                    target = outcome.target
-                    out.append(status(msg_ref, outcome.cmd_ref, outcome.name, outcome.code,
+            if isinstance(outcome, tuple):  # _render's one-Item case, inline
+                name, cmd_ref, no_resp, target, code, result = outcome
+                if not no_resp:
+                    out.append(status(msg_ref, cmd_ref, name, code,
                                       (target,) if echo and target else ()))
-                if outcome.result is not None:
-                    out.append(_build.results(msg_ref, outcome.cmd_ref, (outcome.result,)))
+                if result is not None:
+                    out.append(_build.results(msg_ref, cmd_ref, (result,)))
             else:
                 out += self._render(outcome, msg_ref, suppress=False)
         return out
 
-    def _commit_failed(self, outcome: _Outcome | _Single, why: str) -> None:
+    def _commit_failed(self, outcome: _Outcome, why: str) -> None:
         """Rewrite what had succeeded in a transaction that did not commit."""
-        if type(outcome) is _Single:
-            if outcome.code in _DONE:
-                outcome.code = _FAILED
-                outcome.result = None
-                self._fail(outcome, outcome.target, StatusCode.COMMAND_FAILED, why)
-            return
-        assert isinstance(outcome, _Outcome)
         if outcome.name == Cmd.ATOMIC:
             if outcome.code == StatusCode.OK:
                 outcome.mark_rolled_back(StatusCode.ATOMIC_ROLLBACK_OK)
@@ -326,29 +316,31 @@ class TreeExecutor:
             outcome.items.append(self._item(cmd, item, outcome))
         return outcome
 
-    def _single(self, cmd: ItemCommand, cmd_ref: str) -> _Single:
+    def _single(self, cmd: ItemCommand, cmd_ref: str) -> _SingleOutcome:
         """A one-Item command outside Atomic with a CmdID (not Copy): what `_run` →
         `_item_command` → `_item` do for it, minus their generality, recording the same
         outcome and failures. tests/unit/test_dmtree_single.py holds both paths to the same
         answers."""
         kind = cmd.kind
-        outcome = _Single(_NAMES[kind], cmd_ref, cmd.no_resp)
+        name = _NAMES[kind]
         item = cmd.items[0]
-        target = outcome.target = (item.target or "").strip()
-        deferred = self.tree.deferred
+        target = (item.target or "").strip()
+        tree = self.tree
+        deferred = tree.deferred
         mark = len(deferred)
         blocks = self._blocks
+        result = None
         try:
             # `with self.store.transaction():` as two calls (a `with` costs more than the block)
             token = blocks.begin_nested()
             try:
                 if kind is _GET:
-                    node = self.tree.get(target)
+                    node = tree.get(target)
                     # _build.item(target, source, meta, data): a Results item
-                    outcome.result = _build.item(None, target, self._meta(node.format, node.type),
-                                                 node.data)
+                    result = _build.item(None, target, self._meta(node.format, node.type),
+                                         node.data)
                 elif kind is _DELETE:
-                    self.tree.delete(target)
+                    tree.delete(target)
                 else:
                     meta = item.meta or cmd.meta
                     self._apply(kind, target, item_value(
@@ -361,19 +353,20 @@ class TreeExecutor:
                 blocks.end_nested(token, None)
         except DMStatusError as exc:
             deferred.discard(mark)
-            outcome.code = exc.code
-            self._fail(outcome, target, exc.code, exc.message)
+            self._failed(name, cmd_ref, target, exc.code, exc.message)
+            return name, cmd_ref, cmd.no_resp, target, exc.code, None
         except DmAgentError as exc:
             deferred.discard(mark)
-            outcome.code = _NOT_FOUND if isinstance(exc, NotFoundError) else _FAILED
-            self._fail(outcome, target, outcome.code, exc.message)
+            code = _NOT_FOUND if isinstance(exc, NotFoundError) else _FAILED
+            self._failed(name, cmd_ref, target, code, exc.message)
+            return name, cmd_ref, cmd.no_resp, target, code, None
         except Exception as exc:  # a store or CSP fault: fail this command, keep the session
             deferred.discard(mark)
-            log.warning("%s %s failed: %s", outcome.name, target, exc, exc_info=True)
-            outcome.code = _FAILED
-            self._fail(outcome, target, StatusCode.COMMAND_FAILED,
-                       f"{type(exc).__name__}: {exc}")
-        return outcome
+            log.warning("%s %s failed: %s", name, target, exc, exc_info=True)
+            self._failed(name, cmd_ref, target, StatusCode.COMMAND_FAILED,
+                         f"{type(exc).__name__}: {exc}")
+            return name, cmd_ref, cmd.no_resp, target, _FAILED, None
+        return name, cmd_ref, cmd.no_resp, target, _OK, result
 
     def _item(self, cmd: ItemCommand, item: Item, outcome: _Outcome) -> _ItemOutcome:
         target = (item.target or "").strip()
@@ -491,9 +484,12 @@ class TreeExecutor:
             failed = in_atomic and not result.ok()
         return outcome
 
-    def _fail(self, outcome: _Outcome | _Single, target: str, code: int, message: str) -> None:
-        self.failures.append(Failure(outcome.name, outcome.cmd_ref, target, code, message))
-        log.info("%s %s%s: %d %s", outcome.name, outcome.cmd_ref or "(no CmdID)",
+    def _fail(self, outcome: _Outcome, target: str, code: int, message: str) -> None:
+        self._failed(outcome.name, outcome.cmd_ref, target, code, message)
+
+    def _failed(self, name: str, cmd_ref: str, target: str, code: int, message: str) -> None:
+        self.failures.append(Failure(name, cmd_ref, target, code, message))
+        log.info("%s %s%s: %d %s", name, cmd_ref or "(no CmdID)",
                  f" {target}" if target else "", code, message)
 
     # --- rendering ---------------------------------------------------------------------------
