@@ -172,24 +172,26 @@ class Deferred:
     transaction that caused them commits; an Atomic that rolls back discards them."""
 
     def __init__(self) -> None:
-        self._actions: list[Callable[[], None]] = []
+        # The actions not run yet. Read only (`len(pending)` is what mark() answers, without
+        # a call: the executor takes one per command); change it through the methods.
+        self.pending: list[Callable[[], None]] = []
 
     def defer(self, action: Callable[[], None]) -> None:
-        self._actions.append(action)
+        self.pending.append(action)
 
     def mark(self) -> int:
-        return len(self._actions)
+        return len(self.pending)
 
     def discard(self, mark: int) -> None:
-        del self._actions[mark:]
+        del self.pending[mark:]
 
     def flush(self) -> None:
-        actions, self._actions = self._actions, []
+        actions, self.pending = self.pending, []
         for action in actions:
             action()
 
     def __len__(self) -> int:
-        return len(self._actions)
+        return len(self.pending)
 
 
 _INT = re.compile(r"[+-]?[0-9]+")

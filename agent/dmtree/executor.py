@@ -186,6 +186,8 @@ class TreeExecutor:
 
     def execute(self, commands: Sequence[Command], msg_ref: str) -> list[Status | Results]:
         self.failures = []
+        if Container not in map(type, commands):  # no Atomic: one batch (checked in C)
+            return self._run_batch(commands, msg_ref)
         out: list[Status | Results] = []
         batch: list[Command] = []
         for cmd in commands:
@@ -202,7 +204,7 @@ class TreeExecutor:
         out += self._run_batch(batch, msg_ref)
         return out
 
-    def _run_batch(self, commands: list[Command], msg_ref: str) -> list[Status | Results]:
+    def _run_batch(self, commands: Sequence[Command], msg_ref: str) -> list[Status | Results]:
         """Plain commands (and Sequences) in one store transaction, committed before they are
         answered."""
         if not commands:
@@ -327,7 +329,7 @@ class TreeExecutor:
         target = (item.target or "").strip()
         tree = self.tree
         deferred = tree.deferred
-        mark = len(deferred)
+        mark = len(deferred.pending)
         blocks = self._blocks
         result = None
         try:

@@ -10,7 +10,7 @@ same deferred work — also when the batch's commit fails and with TargetRef ech
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ TEST = "./Vendor/MSFT/Test"
 class GeneralExecutor(TreeExecutor):
     """Every command through `_run` and `_render`: `_run_batch` as it was before `_single`."""
 
-    def _run_batch(self, commands: list[Command], msg_ref: str) -> list[Status | Results]:
+    def _run_batch(self, commands: Sequence[Command], msg_ref: str) -> list[Status | Results]:
         if not commands:
             return []
         deferred = self.tree.deferred
