@@ -29,8 +29,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any, Final
 
-from agent.syncml._decode import _ITEM_TAGS, _Decoder
-from agent.syncml.messages import METINF_NS, SYNCML_NS, Command, SyncMLMessage
+from agent.syncml import _build
+from agent.syncml._decode import _ITEM_TAGS, _MAX_INT_DIGITS, _Decoder
+from agent.syncml.messages import METINF_NS, SYNCML_NS, Command, Status, SyncHdr, SyncMLMessage
 
 MAX_BYTES: Final = 48 * 1024  # < 50,000: libxml2's name length limit cannot be reached
 
@@ -71,7 +72,7 @@ def _read(root: Any, max_nesting: int) -> SyncMLMessage | None:
     if header_el.tag != _HEADER or body_el.tag != _BODY or not _usual_header(header_el):
         return None
     decoder = _Decoder(max_nesting)
-    header = decoder.header(header_el)
+    header = _usual_header_fields(header_el) or decoder.header(header_el)
     body: list[Command] = []
     final = False
     for child in body_el:
@@ -83,7 +84,7 @@ def _read(root: Any, max_nesting: int) -> SyncMLMessage | None:
                 return None
             body.append(command)
         elif tag == _STATUS and _leaves(child, _STATUS_TEXT):
-            body.append(decoder.status(child))
+            body.append(_usual_status(child) or decoder.status(child))
         elif tag == _FINAL and not len(child):
             final = True
         else:
@@ -106,6 +107,49 @@ def _usual_header(el: Any) -> bool:
         else:
             return False
     return True
+
+
+_USUAL_HEADER: Final = tuple(_S + name for name in ("VerDTD", "VerProto", "SessionID", "MsgID",
+                                                  "Target", "Source"))
+_LOC_URI: Final = _S + "LocURI"
+_USUAL_STATUS: Final = tuple(_S + name for name in ("CmdID", "MsgRef", "CmdRef", "Cmd", "Data"))
+
+
+def _usual_header_fields(el: Any) -> SyncHdr | None:
+    """The header every server sends (VerDTD, VerProto, SessionID, MsgID, Target, Source
+    with one LocURI each, in that order), read directly: what `_Decoder.header` builds from
+    it; None for anything else, which that general walk reads."""
+    if len(el) != 6:
+        return None
+    ver_dtd, ver_proto, session, msg_id, target, source = el
+    if (ver_dtd.tag, ver_proto.tag, session.tag, msg_id.tag, target.tag, source.tag) != \
+            _USUAL_HEADER or len(target) != 1 or len(source) != 1:
+        return None
+    target_uri, source_uri = target[0], source[0]
+    if target_uri.tag != _LOC_URI or source_uri.tag != _LOC_URI:
+        return None
+    session_id = (session.text or "").strip()
+    msg = (msg_id.text or "").strip()
+    if not session_id or not msg:  # the general walk raises the error (lxml reports it)
+        return None
+    return SyncHdr(session_id=session_id, msg_id=msg, target=(target_uri.text or "").strip(),
+                   source=(source_uri.text or "").strip(),
+                   ver_dtd=(ver_dtd.text or "").strip(), ver_proto=(ver_proto.text or "").strip())
+
+
+def _usual_status(el: Any) -> Status | None:
+    """A Status of CmdID, MsgRef, CmdRef, Cmd and a decimal Data, in that order (children
+    already checked to be text elements): what `_Decoder.status` builds; None otherwise."""
+    if len(el) != 5:
+        return None
+    cmd_id, msg_ref, cmd_ref, cmd, data = el
+    if (cmd_id.tag, msg_ref.tag, cmd_ref.tag, cmd.tag, data.tag) != _USUAL_STATUS:
+        return None
+    code = (data.text or "").strip()
+    if not (code.isascii() and code.isdigit() and len(code) <= _MAX_INT_DIGITS):
+        return None
+    return _build.status((msg_ref.text or "").strip(), (cmd_ref.text or "").strip(),
+                         (cmd.text or "").strip(), int(code), (), (cmd_id.text or "").strip())
 
 
 def _leaves(el: Any, allowed: frozenset[str]) -> bool:

@@ -145,3 +145,44 @@ def test_hostile_input_is_left_to_lxml(data: bytes) -> None:
 ])
 def test_other_messages_are_left_to_lxml(declined: bytes) -> None:
     assert not check(declined)
+
+
+HEADER = (b"<SyncHdr><VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto><SessionID>1</SessionID>"
+          b"<MsgID>2</MsgID><Target><LocURI>dev</LocURI></Target><Source><LocURI>"
+          b"https://mdm.example.test/x</LocURI></Source></SyncHdr>")
+SYNCHDR_STATUS = (b"<Status><CmdID>1</CmdID><MsgRef>1</MsgRef><CmdRef>0</CmdRef><Cmd>SyncHdr"
+                  b"</Cmd><Data>200</Data></Status>")
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (b"", b""),  # the usual header and Status (read directly) must match lxml too
+    (b"<MsgID>2</MsgID>", b"<MsgID> 2 </MsgID>"),
+    (b"<SessionID>1</SessionID>", b"<SessionID> </SessionID>"),  # an error, from lxml
+    (b"<MsgID>2</MsgID>", b""),
+    (b"</Source>", b"</Source><Meta><MaxMsgSize xmlns=\"syncml:metinf\">9</MaxMsgSize></Meta>"),
+    (b"</Source>", b"</Source><RespURI> https://r/ </RespURI><NoResp/>"),
+    (b"<LocURI>dev</LocURI>", b"<LocURI>dev</LocURI><LocName>n</LocName>"),
+    (b"<LocURI>dev</LocURI>", b"<LocURI> dev </LocURI><LocURI>d2</LocURI>"),
+    (b"<VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto>", b"<VerProto>DM/1.2</VerProto>"
+     b"<VerDTD>1.2</VerDTD>"),
+    (b"<VerDTD>1.2</VerDTD>", b"<VerDTD>1.2</VerDTD><VerDTD>9</VerDTD>"),
+    (b"<Data>200</Data>", b"<Data> 212 </Data>"),
+    (b"<Data>200</Data>", b"<Data>2OO</Data>"),
+    (b"<Data>200</Data>", b"<Data>" + b"9" * 13 + b"</Data>"),
+    (b"<Data>200</Data>", b"<Data>\xd9\xa1</Data>"),  # a non-ASCII digit
+    (b"<Data>200</Data>", b"<Data>200</Data><TargetRef>./a</TargetRef>"),
+    (b"<Data>200</Data>", b""),
+    (b"<CmdID>1</CmdID><MsgRef>1</MsgRef>", b"<MsgRef>1</MsgRef><CmdID>1</CmdID>"),
+    (b"<CmdID>1</CmdID><MsgRef>1</MsgRef><CmdRef>0</CmdRef><Cmd>SyncHdr</Cmd>",
+     b"<CmdID> 1 </CmdID><MsgRef>\n1 </MsgRef><CmdRef> 0</CmdRef><Cmd> SyncHdr </Cmd>"),
+    (b"<VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto><SessionID>1</SessionID>",
+     b"<VerDTD> 1.2 </VerDTD><VerProto> DM/1.2</VerProto><SessionID> 1 </SessionID>"),
+])
+def test_header_and_status_variants_decode_as_lxml(old: bytes, new: bytes) -> None:
+    message = USUAL.replace(USUAL[USUAL.index(b"<SyncHdr>"):USUAL.index(b"<SyncBody>")],
+                            HEADER)
+    message = message.replace(b"<SyncBody>", b"<SyncBody>" + SYNCHDR_STATUS, 1)
+    if old:
+        assert old in message
+        message = message.replace(old, new, 1)
+    check(message)
