@@ -71,6 +71,7 @@ def fold(name: str) -> str:
 
 
 _NO_BLOCK: Final = nullcontext()
+_SZ_NUMBER: Final = int(SZ)
 _CACHE_LIMIT: Final = 4096  # entries per cache (per device: fleets run thousands); then over
 
 
@@ -265,7 +266,7 @@ class Registry(Transactions):
         if len(name) > MAX_VALUE_NAME:
             raise LocalError(f"value name longer than {MAX_VALUE_NAME} characters")
         canon, lc = self._normalized.get(path) or self._canon(path)
-        name_lc = self._fold_name(name)
+        name_lc = self._folded_names.get(name) or self._fold_name(name)
         with self._lock:
             if self._depth:
                 key_id = self._key_ids.get(lc) if self._cache_live else None
@@ -280,7 +281,8 @@ class Registry(Transactions):
 
     def _upsert(self, key_id: int, lc: str, name_lc: str, name: str, type_: RegType,
                 stored: str | int | bytes) -> None:
-        self._write_value(_UPSERT, (key_id, name_lc, name, int(type_), stored), key_id, name_lc)
+        self._write_value(_UPSERT, (key_id, name_lc, name, _SZ_NUMBER if type_ is SZ
+                                    else int(type_), stored), key_id, name_lc)
         if self._cache_live:
             self._rows[(key_id, name_lc)] = (name, type_, stored)
             if self._children_values:
@@ -305,7 +307,7 @@ class Registry(Transactions):
     def query(self, path: str, name: str) -> RegData | None:
         """The value's data, or None when the key or value is missing."""
         lc = (self._normalized.get(path) or self._canon(path))[1]
-        name_lc = self._fold_name(name)
+        name_lc = self._folded_names.get(name) or self._fold_name(name)
         with self._lock:
             if self._cache_live:  # inline the cache hits: the hottest read of a DM session
                 key_id = self._key_ids.get(lc, -1)
@@ -363,7 +365,7 @@ class Registry(Transactions):
 
     def delete_value(self, path: str, name: str) -> bool:
         lc = (self._normalized.get(path) or self._canon(path))[1]
-        name_lc = self._fold_name(name)
+        name_lc = self._folded_names.get(name) or self._fold_name(name)
         with self._lock:
             if self._cache_live:  # known not to be there: nothing to do (the common case)
                 key_id = self._key_ids.get(lc, -1)
