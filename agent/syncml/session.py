@@ -161,6 +161,9 @@ class ClientSession:
         self._last_cred: Cred | None = None  # in our last message
         self._answered_chal = False  # we resent a message with credentials after a 401/407
         self._last_body: list[Outgoing] = []  # commands of our last message, for a resend
+        # what every header advertises (immutable: made once)
+        self._header_meta = Meta(max_msg_size=config.max_msg_size,
+                                 max_obj_size=config.max_obj_size)
         self._last_final = True
 
     # --- public API -------------------------------------------------------------------------
@@ -454,8 +457,7 @@ class ClientSession:
             target=self.config.server_url, source=self.config.device.dev_id,
             # OMA-TS-DM_Security §5: the user name goes in Source/LocName with the Cred.
             source_name=creds.username if cred is not None and creds is not None else None,
-            cred=cred, meta=Meta(max_msg_size=self.config.max_msg_size,
-                                 max_obj_size=self.config.max_obj_size))
+            cred=cred, meta=self._header_meta)
 
     def _send_queue(self, extra: list[Outgoing]) -> SendMessage:
         """The next message: the SyncHdr Status, what fits of the outbox, then `extra`."""
@@ -474,11 +476,12 @@ class ClientSession:
         in every message but package 1, which has none: Windows still starts its CmdIDs at 2
         there, so CmdID 1 always belongs to the SyncHdr Status."""
         header = header or self._header()
-        self._last_body = body[_has_hdr(body):]
+        has_hdr = _has_hdr(body)
+        self._last_body = body[has_hdr:]
         self._last_final = final
         self._msg_id += 1
         data = codec.encode(SyncMLMessage(header, tuple(body), final),
-                            number_from=2 - _has_hdr(body))
+                            number_from=2 - has_hdr)
         s = self.summary
         s.messages_sent += 1
         s.bytes_sent += len(data)
