@@ -66,10 +66,10 @@ def decode(data: bytes, max_bytes: int, max_nesting: int, *,
             raise DecodeFailure(f"not UTF-8: invalid byte 0x{data[exc.start]:02X} at offset "
                                 f"{exc.start}") from None
     root_at = _check_prolog(data)
-    if unqualified and root_at == 0:
+    if unqualified:
         from agent.syncml._expat import decode_usual  # it imports this module
 
-        message = decode_usual(data, max_nesting)
+        message = decode_usual(data, root_at, max_nesting)
         if message is not None:
             return message
     if unqualified and root_at >= 0 and data.startswith(_ROOT_START, root_at):

@@ -8,8 +8,9 @@ and answers None for everything else, and the caller then decodes the bytes with
 decides every error and every other message.
 
 What it takes (anything else: None):
-- at most `MAX_BYTES`, starting with the root element: no BOM, XML declaration or comment
-  before it (expat accepts declarations libxml2 refuses, e.g. version="2.0");
+- at most `MAX_BYTES`, with nothing before the root element but a BOM, an XML 1.0
+  declaration of UTF-8 and whitespace (expat accepts declarations libxml2 refuses, e.g.
+  version="2.0"; comments and processing instructions are left to lxml too);
 - `<SyncML>` (SyncML namespace) holding exactly `<SyncHdr>` then `<SyncBody>`;
 - a header of the known text elements, Target/Source with LocURI/LocName, Meta with the
   known MetInf leaves, NoResp (no Cred);
@@ -17,15 +18,16 @@ What it takes (anything else: None):
   of text elements only, and Final.
 
 Why it gives what lxml gives: libxml2 refuses nothing this accepts — names stay under its
-50,000-character limit (the size bound), nesting is at most five deep (the shapes), and at the
-character level the two parsers agree on what is well-formed (tests/unit/
-test_syncml_decode_expat.py holds them to it, with the same decoding, over the codec's
-vectors, hostile input and mutated messages); and the elements read are decoded by the same
-`_Decoder` code, over the same names, text and children.
+50,000-character limit (the size bound), nesting is at most five deep (the shapes), the prolog
+is one both take, and at the character level the two parsers agree on what is well-formed
+(tests/unit/test_syncml_decode_expat.py holds them to it, with the same decoding, over the
+codec's vectors, hostile input and mutated messages); and the elements read are decoded by
+the same `_Decoder` code, over the same names, text and children.
 """
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Any, Final
 
@@ -49,14 +51,26 @@ _STATUS_TEXT: Final = frozenset(_S + name for name in ("CmdID", "MsgRef", "CmdRe
                                                         "Data", "TargetRef", "SourceRef"))
 
 
-def decode_usual(data: bytes, max_nesting: int) -> SyncMLMessage | None:
+# What may come before the root: a UTF-8 byte order mark, an XML 1.0 declaration naming UTF-8
+# (or no encoding) and whitespace. Anything else (a comment, a processing instruction, another
+# version: expat takes version="2.0", libxml2 refuses it) is left to lxml.
+_USUAL_PROLOG: Final = re.compile(
+    rb"(?:\xef\xbb\xbf)?(?:<\?xml[ \t\r\n]+version[ \t\r\n]*=[ \t\r\n]*(['\"])1\.0\1"
+    rb"(?:[ \t\r\n]+encoding[ \t\r\n]*=[ \t\r\n]*(['\"])(?i:utf-8)\2)?"
+    rb"(?:[ \t\r\n]+standalone[ \t\r\n]*=[ \t\r\n]*(['\"])(?:yes|no)\3)?[ \t\r\n]*\?>)?"
+    rb"[ \t\r\n]*")
+
+
+def decode_usual(data: bytes, root_at: int, max_nesting: int) -> SyncMLMessage | None:
     """The message, or None when lxml must read it (see the module docstring). `data` has
-    passed `_decode.decode`'s checks (size, UTF-8, no DOCTYPE)."""
-    if len(data) > MAX_BYTES or not data.startswith(b"<"):
+    passed `_decode.decode`'s checks (size, UTF-8, no DOCTYPE); its root element starts at
+    `root_at` (`_decode._check_prolog`)."""
+    if len(data) > MAX_BYTES or root_at < 0 or \
+            (root_at and not _USUAL_PROLOG.fullmatch(data, 0, root_at)):
         return None
     try:
-        # (S314: no DTD can reach expat: the root is at offset 0, and a DOCTYPE is only
-        # legal before it), so no entity can be declared; size bounded by MAX_BYTES.
+        # (S314: no DTD can reach expat: only the usual prolog precedes the root, and a
+        # DOCTYPE is only legal there, so no entity can be declared; size bounded.)
         parser = ET.XMLParser(encoding="utf-8")  # noqa: S314
         parser.feed(data)
         root = parser.close()

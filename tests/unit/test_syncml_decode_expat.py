@@ -49,6 +49,9 @@ TOKENS = [b"&amp;", b"&lt;", b"&#65;", b"&#x10FFFF;", b"&#0;", b"&#xFFFE;", b"&b
           b"&", b'<?xml version="2.0"?>', b"\xef\xbb\xbf", b"<!DOCTYPE x>", b"<MoreData/>"]
 
 
+PROLOGS = [b'<?xml version="1.0"?>', b"<?xml version='1.0' encoding='UTF-8'?>",
+           b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8" standalone="yes"?>\r\n',
+           b"\xef\xbb\xbf", b"\n  ", b'<?xml  version = "1.0"  encoding="Utf-8" ?>\n']
 # Where the parsers' character-level rules matter without breaking the message's shape:
 # inside text, and inside start tags (attributes, namespace declarations).
 TEXT_AT = [m.start() + k for m in re.finditer(rb">[^<]+<", USUAL)
@@ -58,7 +61,8 @@ TAG_AT = [m.end() - 1 for m in re.finditer(rb"<[A-Za-z][^>/]*>", USUAL)]
 
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
-    """Tokens inserted in text or start tags (mostly), or anywhere; bytes deleted."""
+    """Tokens inserted in text or start tags (mostly), or anywhere; bytes deleted; a prolog
+    first, sometimes (the mutations then land in the message after it)."""
     data = bytearray(USUAL)
     edits = []
     for _ in range(draw(st.integers(1, 2))):
@@ -71,6 +75,8 @@ def mutated(draw: st.DrawFn) -> bytes:
     if draw(st.integers(0, 4)) == 0:
         pos = draw(st.integers(0, len(data)))
         del data[pos: pos + draw(st.integers(1, 8))]
+    if draw(st.integers(0, 3)) == 0:
+        data[0:0] = draw(st.sampled_from(PROLOGS))
     return bytes(data)
 
 
@@ -87,8 +93,8 @@ def check(data: bytes) -> bool:
     read: list[SyncMLMessage] = []
     original = _expat.decode_usual
 
-    def spy(data: bytes, max_nesting: int) -> SyncMLMessage | None:
-        message = original(data, max_nesting)
+    def spy(data: bytes, root_at: int, max_nesting: int) -> SyncMLMessage | None:
+        message = original(data, root_at, max_nesting)
         if message is not None:
             read.append(message)
         return message
@@ -134,9 +140,24 @@ def test_hostile_input_is_left_to_lxml(data: bytes) -> None:
     assert not check(data)
 
 
+@pytest.mark.parametrize("prolog", PROLOGS)
+def test_the_usual_prologs_are_read_by_expat(prolog: bytes) -> None:
+    assert check(prolog + USUAL)
+
+
+@pytest.mark.parametrize("prolog", [
+    b'<?xml version="1.1"?>', b'<?xml version="2.0"?>', b'<?xml version="1.0" encoding="x"?>',
+    b'<?xml version="1.0" encoding="ISO-8859-1"?>', b'<?xml version="1.0" standalone="maybe"?>',
+    b"<!-- c -->", b'<?pi x?>', b'<?xml version="1.0"?><!-- c -->', b'<?xml encoding="utf-8"?>',
+    b'<?xml version="1.0"?><?xml version="1.0"?>', b"\xef\xbb\xbf\xef\xbb\xbf",
+    b'<?xml version="1.0" standalone="yes" encoding="utf-8"?>',  # out of order
+])
+def test_other_prologs_are_left_to_lxml(prolog: bytes) -> None:
+    assert not check(prolog + USUAL)
+
+
 @pytest.mark.parametrize("declined", [
-    b'<?xml version="1.0"?>' + USUAL,  # anything before the root
-    b"\xef\xbb\xbf" + USUAL,
+    b"<!-- a comment first -->" + USUAL,
     USUAL.replace(b"<SyncBody>", b"<SyncBody><Alert><CmdID>1</CmdID><Data>1222</Data></Alert>"),
     USUAL.replace(b"<SyncBody>", b"<SyncBody><Atomic><CmdID>a</CmdID></Atomic>"),
     USUAL.replace(b"</VerProto>", b"</VerProto><Cred><Data>x</Data></Cred>"),
