@@ -199,7 +199,7 @@ class ClientSession:
             raise SessionStateError(f"receive() while {self._state.value}")
         self.summary.messages_received += 1
         self.summary.bytes_received += len(data)
-        if not data.strip():  # MS-MDM: an empty HTTP 200 from the server ends the session
+        if not data or data.isspace():  # MS-MDM: an empty HTTP 200 ends the session
             return self._complete()
         try:
             msg = codec.decode(data, self.config.decode_limits)
