@@ -130,7 +130,7 @@ class NodeCacheCSP(CSP):
         if name in ("ChangedNodes", "ChangedNodesData"):
             changed = self._changed(provider)
             if name == "ChangedNodes":
-                return NodeValue(Format.CHR, ",".join(node_id for node_id, _, _ in changed))
+                return NodeValue(Format.CHR, ",".join([c[0] for c in changed]))
             return NodeValue(Format.CHR, _changed_xml(changed))
         return NodeValue(Format.CHR, self._sz(self.node_key(provider, r.var("NodeID")), name))
 
@@ -205,24 +205,27 @@ class NodeCacheCSP(CSP):
             # Every node's values in one read; nodes watching the same URI read it once (the
             # evaluation only reads, so a value cannot change in between).
             current_by_uri: dict[str, str | None] = {}
+            current_of = current_by_uri.get
+            append = out.append
             for node_id, values in self.registry.subkey_values(nodes).items():
-                uri = values.get(_NODE_URI)
+                get = values.get
+                uri = get(_NODE_URI)
                 if not isinstance(uri, str) or not uri:
-                    out.append((node_id, "", None))
+                    append((node_id, "", None))
                     continue
-                data = current_by_uri.get(uri, _UNREAD)
+                data = current_of(uri, _UNREAD)
                 if data is _UNREAD:
                     current = self.tree.value_or_none(uri)
                     data = current_by_uri[uri] = None if current is None else (current.data or "")
-                expected = values.get(_EXPECTED)
+                expected = get(_EXPECTED)
                 if not isinstance(expected, str):
                     same = False  # nothing expected yet: report it so the server fills it
-                elif values.get(_EXPECTED_TYPE) == "sha256":
+                elif get(_EXPECTED_TYPE) == "sha256":
                     same = _matches(data, expected, True)
                 else:  # _matches without a hash, inline: this runs for every cached node
                     same = data is None if expected == NONEXISTENT else data == expected
                 if not same:
-                    out.append((node_id, uri, data))
+                    append((node_id, uri, data))
             return out
         finally:
             self._evaluating = False

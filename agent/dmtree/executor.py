@@ -240,16 +240,17 @@ class TreeExecutor:
         else:
             deferred.flush()
         out: list[Status | Results] = []
-        status = _build.status
+        append = out.append
+        status, results = _build.status, _build.results
         echo = self.echo_target_refs
         for outcome in outcomes:
             if isinstance(outcome, tuple):  # _render's one-Item case, inline
                 name, cmd_ref, no_resp, target, code, result = outcome
                 if not no_resp:
-                    out.append(status(msg_ref, cmd_ref, name, code,
-                                      (target,) if echo and target else ()))
+                    append(status(msg_ref, cmd_ref, name, code,
+                                  (target,) if echo and target else ()))
                 if result is not None:
-                    out.append(_build.results(msg_ref, cmd_ref, (result,)))
+                    append(results(msg_ref, cmd_ref, (result,)))
             else:
                 out += self._render(outcome, msg_ref, suppress=False)
         return out
