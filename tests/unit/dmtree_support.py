@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,26 @@ ACCOUNT_ID = "dede853d-e274-406b-9d0d-47b6fe65b440"
 UNIQUE_ID = (f"ModelName_AC_{ACCOUNT_ID}_LogicalName_286033f4_0515_414d_b58f_08e74f6e8e3c"
              "_Hash_68180377")
 NOW = 1_700_000_000.0
+
+
+class FailingCommit:
+    """Wraps the registry; the outermost commit fails like a full disk."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.depth = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        outer = self.depth == 0
+        self.depth += 1
+        try:
+            with self.registry.transaction():
+                yield
+                if outer:
+                    raise sqlite3.OperationalError("database or disk is full (COMMIT)")
+        finally:
+            self.depth -= 1
 
 
 class Clock:

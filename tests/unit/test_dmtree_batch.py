@@ -7,9 +7,6 @@ deferred side effects (events) run only after that commit.
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from agent.registry import Registry
 from agent.syncml.messages import Command, Results, Status
 from tests.unit.dmtree_support import (
     Env,
+    FailingCommit,
     add,
     atomic,
     codes,
@@ -92,26 +90,6 @@ def test_what_the_client_answered_is_committed(env: Env) -> None:
         assert other.query(poll, "IntervalForSecondSetOfRetries") == 65
     finally:
         other.close()
-
-
-class FailingCommit:
-    """Wraps the registry; the outermost commit fails like a full disk."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.depth = 0
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        outer = self.depth == 0
-        self.depth += 1
-        try:
-            with self.registry.transaction():
-                yield
-                if outer:
-                    raise sqlite3.OperationalError("database or disk is full (COMMIT)")
-        finally:
-            self.depth -= 1
 
 
 def test_a_failed_commit_fails_every_command_that_had_succeeded(env: Env) -> None:

@@ -9,9 +9,7 @@ same deferred work — also when the batch's commit fails and with TargetRef ech
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from agent.registry import Registry, Rollback
 from agent.syncml.messages import Cmd, Command, Item, ItemCommand, Meta, Results, Status
 from tests.unit.dmtree_support import (
     Env,
+    FailingCommit,
     add,
     atomic,
     cmd,
@@ -110,26 +109,6 @@ class FaultCSP(CSP):
             raise RuntimeError("CSP bug")
         if name == "Quiet":  # the store's own "undo quietly": the block swallows it
             raise Rollback
-
-
-class FailingCommit:
-    """Wraps the registry; the outermost commit fails like a full disk."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.depth = 0
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        outer = self.depth == 0
-        self.depth += 1
-        try:
-            with self.registry.transaction():
-                yield
-                if outer:
-                    raise sqlite3.OperationalError("database or disk is full (COMMIT)")
-        finally:
-            self.depth -= 1
 
 
 SETUP: list[Command] = [
