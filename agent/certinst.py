@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.certstore import CertStore, Scope, StoreName
 from agent.device import DeviceContext
@@ -46,9 +46,12 @@ from agent.diagnostics import (
     ev_request_generated,
     format_hex,
 )
-from agent.errors import DmAgentError, NotFoundError, StateLockedError
+from agent.errors import DmAgentError, NotFoundError, PeerError, StateLockedError
 from agent.taskstore import SYSTEM_SID, TaskRecord, TaskStore, task_name
 from keystores.base import KeyHandle, KeySpec, KeyStore, KeyStoreError
+
+if TYPE_CHECKING:
+    from agent.scep.enroll import EnrollResult
 
 log = logging.getLogger("dmagent.certinst")
 
@@ -104,6 +107,18 @@ class AttemptOutcome:
                 "error_code": format_hex(self.hresult), "attempt": self.attempt,
                 "attempts": self.attempts, "final": self.final, "thumbprint": self.thumbprint,
                 "respondent_server_url": self.respondent, "message": self.message}
+
+
+def _check_installable(result: EnrollResult) -> None:
+    """The SCEP core reads only the fields it needs; the store takes strict DER only, so a
+    certificate cryptography would refuse fails the attempt here, before anything is written."""
+    for cert in (result.certificate, *result.chain):
+        try:
+            cert.to_x509()
+        except ValueError as exc:
+            raise PeerError(f"the CA returned a certificate that is not valid DER "
+                            f"({cert.subject}): {exc}",
+                            hresult=HResult.CRYPT_E_BAD_ENCODE) from None
 
 
 class _Failure(Exception):
@@ -207,6 +222,7 @@ class Certinst:
                               retry_count=install.retry_count),
                 key, config=self.ctx.config.scep, sleep=self.sleep,
                 minute_seconds=self.ctx.config.tasks.minute_seconds)
+            _check_installable(result)
         except ScepPendingError as exc:
             raise _Failure(HResult.E_PENDING, exc.message, ScepStatus.PENDING, url) from None
         except DmAgentError as exc:
@@ -239,12 +255,10 @@ class Certinst:
                  req.unique_id)
         return store, key
 
-    def _install(self, req: CertinstRequest, store: KeyStore, key: KeyHandle, result: Any,
-                 attempt: int, attempts: int) -> AttemptOutcome:
-        from cryptography.hazmat.primitives.serialization import Encoding
-
+    def _install(self, req: CertinstRequest, store: KeyStore, key: KeyHandle,
+                 result: EnrollResult, attempt: int, attempts: int) -> AttemptOutcome:
         reg = self.registry
-        der = result.certificate.public_bytes(Encoding.DER)
+        der = result.certificate.der
         replaced: list[tuple[str, str]] = []
         with reg.transaction():
             for old in self.certs.by_unique_id(req.scope, req.unique_id):
@@ -257,7 +271,7 @@ class Certinst:
             # (intermediate) store for chain building; nothing is made a trusted root here.
             for ca_cert in (*result.chain, result.ca.ca):
                 if ca_cert != result.certificate:
-                    self.certs.add(req.scope, StoreName.CA, ca_cert.public_bytes(Encoding.DER))
+                    self.certs.add(req.scope, StoreName.CA, ca_cert.der)
             reg.set_sz(req.node_path, "CertThumbprint", stored.thumbprint)
             reg.set_dword(req.node_path, "Status", ScepStatus.FINISHED)
             reg.set_dword(req.node_path, "ErrorCode", HResult.S_OK)

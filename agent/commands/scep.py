@@ -20,10 +20,9 @@ from agent.commands.base import App, add_json_flag
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
 
-    from cryptography import x509
-
     from agent.config import ScepConfig
     from agent.httpio import BlockingHttp
+    from agent.scep.certificate import CertificateLike
     from agent.scep.enroll import EnrollOptions, EnrollResult
     from keystores.base import KeyHandle, KeySpec, KeyStore
 
@@ -226,10 +225,10 @@ def _options(args: argparse.Namespace, csr: Any) -> EnrollOptions:
         digest=HashAlg(args.digest) if args.digest else None, post=args.post)
 
 
-def _pem(certs: list[x509.Certificate]) -> str:
-    from cryptography.hazmat.primitives.serialization import Encoding
+def _pem(certs: list[CertificateLike]) -> str:
+    from agent.scep.certificate import as_certificate
 
-    return "".join(c.public_bytes(Encoding.PEM).decode() for c in certs)
+    return "".join(as_certificate(c).pem() for c in certs)
 
 
 def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
@@ -241,13 +240,12 @@ def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _cert_info(cert: x509.Certificate) -> dict[str, Any]:
-    from agent.csr import name_to_str
-    from agent.scep.cacerts import thumbprint
+def _cert_info(given: CertificateLike) -> dict[str, Any]:
+    from agent.scep.certificate import as_certificate
 
-    return {"subject": name_to_str(cert.subject.public_bytes()),
-            "issuer": name_to_str(cert.issuer.public_bytes()),
-            "serial": f"{cert.serial_number:x}", "thumbprint": thumbprint(cert),
+    cert = as_certificate(given)
+    return {"subject": cert.subject, "issuer": cert.issuer,
+            "serial": f"{cert.serial_number:x}", "thumbprint": cert.thumbprint,
             "not_before": cert.not_valid_before_utc.isoformat(),
             "not_after": cert.not_valid_after_utc.isoformat()}
 

@@ -8,21 +8,31 @@ roles are chosen by key usage, not by position.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from typing import TYPE_CHECKING
 
 from agent.diagnostics import HResult
 from agent.errors import PeerError
+from agent.scep.certificate import (
+    DATA_ENCIPHERMENT,
+    DIGITAL_SIGNATURE,
+    KEY_ENCIPHERMENT,
+    Certificate,
+    as_certificate,
+    names_equal,
+)
+
+if TYPE_CHECKING:
+    from agent.scep.certificate import CertificateLike
 
 CT_CA_CERT = "application/x-x509-ca-cert"
 CT_CA_RA_CERT = "application/x-x509-ca-ra-cert"
 
 
-def thumbprint(cert: x509.Certificate) -> str:
+def thumbprint(cert: CertificateLike) -> str:
     """SHA-1 over the DER certificate, upper-case hex: what CAThumbprint and Windows show."""
-    return cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 - a name, not security
+    return as_certificate(cert).thumbprint
 
 
 def normalize_thumbprint(text: str) -> str:
@@ -35,40 +45,33 @@ def normalize_thumbprint(text: str) -> str:
 class CaCertificates:
     """The GetCACert answer with the role of each certificate decided."""
 
-    certificates: tuple[x509.Certificate, ...]
-    ca: x509.Certificate  # the issuing CA
-    encryption: x509.Certificate  # where request envelopes are encrypted to
-    signers: tuple[x509.Certificate, ...]  # who may sign CertReps
+    certificates: tuple[Certificate, ...]
+    ca: Certificate  # the issuing CA
+    encryption: Certificate  # where request envelopes are encrypted to
+    signers: tuple[Certificate, ...]  # who may sign CertReps
     has_ra: bool
 
     @property
     def thumbprints(self) -> tuple[str, ...]:
-        return tuple(thumbprint(c) for c in self.certificates)
+        return tuple(c.thumbprint for c in self.certificates)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+def _is_ca(cert: Certificate) -> bool:
+    ca = cert.is_ca
+    if ca is None:
         # v1 certificates (old CAs) have no extensions: a self-signed one is a CA.
-        return cert.issuer == cert.subject
+        return names_equal(cert.issuer_der, cert.subject_der)
+    return ca
 
 
-def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
+def _can_encrypt(cert: Certificate) -> bool:
+    ku = cert.key_usage
+    return ku is None or KEY_ENCIPHERMENT in ku or DATA_ENCIPHERMENT in ku
 
 
-def _can_encrypt(cert: x509.Certificate) -> bool:
-    ku = _key_usage(cert)
-    return ku is None or ku.key_encipherment or ku.data_encipherment
-
-
-def _can_sign(cert: x509.Certificate) -> bool:
-    ku = _key_usage(cert)
-    return ku is None or ku.digital_signature
+def _can_sign(cert: Certificate) -> bool:
+    ku = cert.key_usage
+    return ku is None or DIGITAL_SIGNATURE in ku
 
 
 def parse_ca_certs(body: bytes, content_type: str = "") -> CaCertificates:
@@ -78,10 +81,10 @@ def parse_ca_certs(body: bytes, content_type: str = "") -> CaCertificates:
     ctype = content_type.split(";", maxsplit=1)[0].strip().lower()
     if not body:
         raise PeerError("GetCACert returned an empty body", hresult=HResult.CRYPT_E_ASN1_EOD)
-    certs: list[x509.Certificate] = []
+    certs: list[Certificate] = []
     if ctype != CT_CA_RA_CERT:
         try:
-            certs = [x509.load_der_x509_certificate(body)]
+            certs = [Certificate(body)]
         except ValueError as exc:
             if ctype == CT_CA_CERT:
                 raise PeerError(f"GetCACert returned an invalid certificate: {exc}",
@@ -93,13 +96,14 @@ def parse_ca_certs(body: bytes, content_type: str = "") -> CaCertificates:
     return assign_roles(certs)
 
 
-def assign_roles(certs: list[x509.Certificate]) -> CaCertificates:
+def assign_roles(given: Sequence[CertificateLike]) -> CaCertificates:
     """Decide which certificate is the CA, which encrypts and which signs (RFC 8894 §4.2.1.2).
 
     RA certificates are the end-entity ones; when there are none the CA does everything.
     The issuing CA is the CA certificate that issued the RA (else the one that issued no
     other CA in the set: the bottom of the chain).
     """
+    certs = [as_certificate(c) for c in given]
     cas = [c for c in certs if _is_ca(c)]
     ras = [c for c in certs if not _is_ca(c)]
     if not cas:
@@ -107,10 +111,11 @@ def assign_roles(certs: list[x509.Certificate]) -> CaCertificates:
         cas = [certs[0]]
     issuing = None
     if ras:
-        issuing = next((ca for ca in cas if ca.subject == ras[0].issuer), None)
+        issuing = next((ca for ca in cas if names_equal(ca.subject_der, ras[0].issuer_der)),
+                       None)
     if issuing is None:
-        issuers = {c.issuer.public_bytes() for c in cas if c.issuer != c.subject}
-        bottom = [c for c in cas if c.subject.public_bytes() not in issuers]
+        issuers = [c.issuer_der for c in cas if not names_equal(c.issuer_der, c.subject_der)]
+        bottom = [c for c in cas if not any(names_equal(c.subject_der, i) for i in issuers)]
         issuing = bottom[0] if bottom else cas[0]
     if ras:
         enc = [c for c in ras if _can_encrypt(c)]

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -33,12 +32,14 @@ from agent.errors import PeerError
 from agent.scep import der
 from agent.scep.ber import ber_elements, ber_octets, ber_to_der_lengths
 from agent.scep.capabilities import ContentCipher
+from agent.scep.certificate import as_certificate
 from keystores.base import HashAlg, KeyHandle
 
 if TYPE_CHECKING:
     from asn1crypto import cms, core
     from asn1crypto import x509 as ax509
 
+    from agent.scep.certificate import CertificateLike
     from agent.scep.cmsread import (
         VerifiedSignedData,
         certs_from_degenerate,
@@ -131,11 +132,10 @@ def load_content_info(data: bytes, what: str) -> cms.ContentInfo:
     return info
 
 
-def to_asn1_cert(cert: x509.Certificate) -> ax509.Certificate:
+def to_asn1_cert(cert: CertificateLike) -> ax509.Certificate:
     from asn1crypto import x509 as ax509
-    from cryptography.hazmat.primitives.serialization import Encoding
 
-    return ax509.Certificate.load(cert.public_bytes(Encoding.DER))
+    return ax509.Certificate.load(as_certificate(cert).der)
 
 
 # --- SignedData: build ----------------------------------------------------------------------
@@ -184,8 +184,9 @@ def encode_attribute(oid: str, value_der: bytes) -> bytes:
     return der.seq(der.oid(oid), der.tlv(0x31, value_der))
 
 
-def _issuer_and_serial(cert: x509.Certificate) -> bytes:
-    return der.seq(cert.issuer.public_bytes(), der.integer(cert.serial_number))
+def _issuer_and_serial(cert: CertificateLike) -> bytes:
+    ours = as_certificate(cert)
+    return der.seq(ours.issuer_der, der.integer(ours.serial_number))
 
 
 def _signature_algorithm_der(handle: KeyHandle, digest_alg: HashAlg) -> bytes:
@@ -198,7 +199,7 @@ def _signature_algorithm_der(handle: KeyHandle, digest_alg: HashAlg) -> bytes:
     return der.algorithm(OID_RSA_ENCRYPTION)
 
 
-def sign_data(content: bytes, *, signer_cert: x509.Certificate, handle: KeyHandle,
+def sign_data(content: bytes, *, signer_cert: CertificateLike, handle: KeyHandle,
               digest_alg: HashAlg, attributes: Sequence[cms.CMSAttribute | bytes],
               signing_time: datetime | None = None) -> bytes:
     """Build a DER ContentInfo(SignedData) over `content` (eContentType id-data).
@@ -208,8 +209,7 @@ def sign_data(content: bytes, *, signer_cert: x509.Certificate, handle: KeyHandl
     covers the DER SET OF the signed attributes (§5.4) and is made by `handle`. The signer
     certificate is included so the CA can encrypt its reply to it (RFC 8894 §3.2.2).
     """
-    from cryptography.hazmat.primitives.serialization import Encoding
-
+    signer = as_certificate(signer_cert)
     attrs = [encode_attribute("1.2.840.113549.1.9.3", der.oid(OID_DATA)),
              encode_attribute("1.2.840.113549.1.9.4",
                               der.octet_string(digest(content, digest_alg)))]
@@ -221,24 +221,22 @@ def sign_data(content: bytes, *, signer_cert: x509.Certificate, handle: KeyHandl
     signature = handle.sign(der.tlv(0x31, body), digest_alg)
     digest_algo = der.algorithm(_DIGEST_OIDS[digest_alg])
     signer_info = der.seq(
-        der.integer(1), _issuer_and_serial(signer_cert), digest_algo,
+        der.integer(1), _issuer_and_serial(signer), digest_algo,
         der.tlv(0xA0, body),  # signedAttrs [0] IMPLICIT
         _signature_algorithm_der(handle, digest_alg), der.octet_string(signature))
     signed = der.seq(
         der.integer(1), der.tlv(0x31, digest_algo),
         der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(content))),
-        der.tlv(0xA0, signer_cert.public_bytes(Encoding.DER)),  # certificates [0] IMPLICIT
+        der.tlv(0xA0, signer.der),  # certificates [0] IMPLICIT
         der.tlv(0x31, signer_info))
     return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed))
 
 
-def degenerate_certs_only(certs: Sequence[x509.Certificate],
+def degenerate_certs_only(certs: Sequence[CertificateLike],
                           crls: Sequence[bytes] = ()) -> bytes:
     """A certs-only SignedData (RFC 8894 §3.4): how CertRep and GetCACert carry certificates."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     parts = [der.integer(1), der.tlv(0x31), der.seq(der.oid(OID_DATA)),
-             der.tlv(0xA0, *(c.public_bytes(Encoding.DER) for c in certs))]
+             der.tlv(0xA0, *(as_certificate(c).der for c in certs))]
     if crls:
         parts.append(der.tlv(0xA1, *crls))
     parts.append(der.tlv(0x31))
@@ -247,7 +245,7 @@ def degenerate_certs_only(certs: Sequence[x509.Certificate],
 
 # --- EnvelopedData: build -------------------------------------------------------------------
 
-def envelope(content: bytes, recipient: x509.Certificate, cipher: ContentCipher,
+def envelope(content: bytes, recipient: CertificateLike, cipher: ContentCipher,
              rand: RandomBytes = os.urandom, oaep: HashAlg | None = None) -> bytes:
     """Encrypt `content` for `recipient` (RFC 8894 §3.2.2: pkcsPKIEnvelope).
 
@@ -255,6 +253,7 @@ def envelope(content: bytes, recipient: x509.Certificate, cipher: ContentCipher,
     key-transport every SCEP CA decrypts, or RSAES-OAEP with `oaep` as hash and MGF1 hash
     (RFC 4055 §4.1; CAs may answer that way); the content is CBC with PKCS#7 padding.
     """
+    recipient = as_certificate(recipient)
     public = recipient.public_key()
     if not isinstance(public, rsa.RSAPublicKey):
         raise PeerError("the CA/RA encryption certificate does not hold an RSA key, so no "

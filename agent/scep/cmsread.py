@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -23,6 +22,7 @@ from agent.diagnostics import HResult
 from agent.errors import PeerError
 from agent.scep import ber, der
 from agent.scep.capabilities import ContentCipher
+from agent.scep.certificate import Certificate, as_certificate, names_equal
 from agent.scep.cms import (
     _CIPHER_OIDS,
     _DIGEST_OIDS,
@@ -40,6 +40,8 @@ from keystores.base import HashAlg, KeyHandle, KeyStoreError, Padding
 
 if TYPE_CHECKING:
     from asn1crypto import core
+
+    from agent.scep.certificate import CertificateLike
 
 _DIGEST_BY_OID = {v: k for k, v in _DIGEST_OIDS.items()}
 _CIPHER_BY_OID = {v: k for k, v in _CIPHER_OIDS.items()}
@@ -95,7 +97,7 @@ def _rid(element: ber.Element) -> Rid:
     return parts[0][4], ber.read_int(parts[1], "serialNumber")
 
 
-def _rid_matches(rid: Rid, cert: x509.Certificate) -> bool:
+def _rid_matches(rid: Rid, cert: Certificate) -> bool:
     """Does a RecipientIdentifier / SignerIdentifier name `cert`?
 
     issuerAndSerialNumber compares the issuer's DER first (the usual case, cheap) and falls
@@ -103,19 +105,9 @@ def _rid_matches(rid: Rid, cert: x509.Certificate) -> bool:
     """
     if isinstance(rid, tuple):
         issuer, serial = rid
-        if serial != cert.serial_number:
-            return False
-        ours = cert.issuer.public_bytes()
-        if issuer == ours:
-            return True
-        from asn1crypto import x509 as ax509  # the rare case: names equal but encoded apart
-
-        return bool(ax509.Name.load(ber.ber_to_der_lengths(issuer)) == ax509.Name.load(ours))
-    try:
-        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
-        return False
-    return rid == ski
+        return serial == cert.serial_number and names_equal(issuer, cert.issuer_der)
+    ski = cert.subject_key_identifier
+    return ski is not None and rid == ski
 
 
 def _describe(rid: Rid) -> str:
@@ -171,9 +163,10 @@ def _oaep_hashes(params: ber.Element | None) -> tuple[str, str]:
     return hash_oid, mgf_hash
 
 
-def open_envelope(data: bytes, handle: KeyHandle, recipient_cert: x509.Certificate,
+def open_envelope(data: bytes, handle: KeyHandle, recipient: CertificateLike,
                   what: str = "the pkcsPKIEnvelope") -> bytes:
-    """Decrypt an EnvelopedData addressed to `recipient_cert` with `handle`'s private key."""
+    """Decrypt an EnvelopedData addressed to `recipient` with `handle`'s private key."""
+    recipient_cert = as_certificate(recipient)
     fields = _content(data, what, OID_ENVELOPED_DATA)
     with asn1_errors(what):
         # version, originatorInfo [0] OPTIONAL, recipientInfos, encryptedContentInfo, ...
@@ -194,7 +187,7 @@ def open_envelope(data: bytes, handle: KeyHandle, recipient_cert: x509.Certifica
         if ktri is None:
             raise PeerError(f"{what} is not encrypted to our certificate (serial "
                             f"{recipient_cert.serial_number:x}, issuer "
-                            f"{recipient_cert.issuer.rfc4514_string()})",
+                            f"{recipient_cert.issuer})",
                             hresult=HResult.CRYPT_E_RECIPIENT_NOT_FOUND)
         kea_oid, kea_params = ber.algorithm(ktri[2], "keyEncryptionAlgorithm")
         oaep_hash = HashAlg.SHA1
@@ -245,7 +238,7 @@ class VerifiedSignedData:
     """
 
     content: bytes
-    signer: x509.Certificate
+    signer: Certificate
     digest_alg: HashAlg
     raw_attributes: dict[str, ber.Element] = field(repr=False)
     signed_attributes: bytes = field(repr=False)  # the SET OF Attribute the signature covers
@@ -258,14 +251,14 @@ class VerifiedSignedData:
         return {attr["type"].dotted: attr["values"][0] for attr in parsed}
 
 
-def _find_signer(sid: Rid, candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
+def _find_signer(sid: Rid, candidates: Sequence[Certificate]) -> Certificate | None:
     for cand in candidates:
         if _rid_matches(sid, cand):  # SignerIdentifier has the same two choices
             return cand
     return None
 
 
-def _verify_signature(cert: x509.Certificate, signature: bytes, data: bytes,
+def _verify_signature(cert: Certificate, signature: bytes, data: bytes,
                       sig_oid: str, sig_params: ber.Element | None, digest_alg: HashAlg) -> bool:
     public = cert.public_key()
     hash_obj = _HASHES[digest_alg]()
@@ -294,7 +287,7 @@ def _reencoded(attributes: list[ber.Element]) -> bytes:
     return der.set_of(ber.ber_to_der_lengths(a[4]) for a in attributes)
 
 
-def verify_signed_data(data: bytes, trusted: Sequence[x509.Certificate],
+def verify_signed_data(data: bytes, trusted: Sequence[CertificateLike],
                        what: str = "the CertRep") -> VerifiedSignedData:
     """Check a SignedData's one SignerInfo against `trusted` (the GetCACert certificates).
 
@@ -318,7 +311,7 @@ def verify_signed_data(data: bytes, trusted: Sequence[x509.Certificate],
         if len(si) < 5:
             raise ValueError("SignerInfo is incomplete")
         sid = _rid(si[1])
-        signer = _find_signer(sid, trusted)
+        signer = _find_signer(sid, [as_certificate(c) for c in trusted])
         if signer is None:
             raise PeerError(f"{what} is signed by a certificate ({_describe(sid)}) that is "
                             "not one of the CA/RA certificates from GetCACert",
@@ -361,7 +354,7 @@ def verify_signed_data(data: bytes, trusted: Sequence[x509.Certificate],
                 or not _verify_signature(signer, signature, reencoded, sig_oid, sig_params,
                                          digest_alg)):
             raise PeerError(f"the signature of {what} does not verify with the key of "
-                            f"{signer.subject.rfc4514_string()}",
+                            f"{signer.subject}",
                             hresult=HResult.NTE_BAD_SIGNATURE,
                             advice="the reply was altered or not made by this CA")
         md = attrs.get(OID_MESSAGE_DIGEST)
@@ -374,7 +367,7 @@ def verify_signed_data(data: bytes, trusted: Sequence[x509.Certificate],
     return VerifiedSignedData(content, signer, digest_alg, attrs, as_set)
 
 
-def certs_from_degenerate(data: bytes, what: str) -> tuple[list[x509.Certificate], list[bytes]]:
+def certs_from_degenerate(data: bytes, what: str) -> tuple[list[Certificate], list[bytes]]:
     """The certificates and CRLs of a certs-only SignedData (RFC 8894 §3.4)."""
     fields = _content(data, what, OID_SIGNED_DATA)
     raw_certs: list[bytes] = []
@@ -388,10 +381,10 @@ def certs_from_degenerate(data: bytes, what: str) -> tuple[list[x509.Certificate
             found = [ber.ber_to_der_lengths(e[4]) for e in ber.ber_elements(element[3])
                      if e[0] == 0 and e[2] == ber.SEQUENCE]
             (raw_certs if element[2] == 0 else crls).extend(found)
-    certs: list[x509.Certificate] = []
+    certs: list[Certificate] = []
     for raw in raw_certs:
         try:
-            certs.append(x509.load_der_x509_certificate(raw))
+            certs.append(Certificate(raw))
         except ValueError as exc:
             raise PeerError(f"{what} holds an invalid certificate: {exc}",
                             hresult=HResult.CRYPT_E_BAD_ENCODE) from None

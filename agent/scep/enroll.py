@@ -42,9 +42,9 @@ from keystores.base import HashAlg, KeyAlgorithm, KeyHandle
 
 if TYPE_CHECKING:
     import httpx
-    from cryptography import x509
 
     from agent.httpio import BlockingHttp
+    from agent.scep.certificate import Certificate, CertificateLike
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[Any]]
@@ -69,8 +69,8 @@ class EnrollOptions:
 class EnrollResult:
     """What a successful enrolment produced (frozen: it is reported, never patched)."""
 
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
+    certificate: Certificate  # `.to_x509()` for cryptography's object
+    chain: tuple[Certificate, ...]
     ca: CaCertificates
     respondent_url: str
     transaction_id: str
@@ -136,7 +136,7 @@ async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], 
                  http: httpx.AsyncClient | BlockingHttp | None = None,
                  sleep: Sleep = _asyncio_sleep, minute_seconds: float = 60.0,
                  now: Callable[[], datetime] = _utcnow,
-                 renew_with: tuple[KeyHandle, x509.Certificate] | None = None,
+                 renew_with: tuple[KeyHandle, CertificateLike] | None = None,
                  memo: EndpointMemo | None = None, offload: bool = True) -> EnrollResult:
     """Enrol `key` (already created in its key store) with the SCEP server(s) of `options`.
 
@@ -212,7 +212,6 @@ async def enroll(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], 
             message_type=first_type,
             algorithms=algs, capabilities=caps, polls=polls, reply_digest=rep.digest_alg,
             timings=tuple(timer.marks))
-
 
 
 def enroll_inline(options: EnrollOptions, key: KeyHandle | Awaitable[KeyHandle], *,

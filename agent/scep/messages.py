@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -28,6 +27,7 @@ from agent.errors import PeerError
 from agent.scep import ber, der
 from agent.scep import cms as scms
 from agent.scep.capabilities import Algorithms
+from agent.scep.certificate import Certificate, as_certificate
 from agent.scep.cmsread import certs_from_degenerate, open_envelope, verify_signed_data
 from agent.scep.errors import ScepFailure
 from keystores.base import HashAlg, KeyAlgorithm, KeyHandle, PublicKey
@@ -64,7 +64,10 @@ class PkiStatus(enum.IntEnum):
 
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from agent.scep.asn1types import IssuerAndSubject
+    from agent.scep.certificate import CertificateLike
 
 
 def __getattr__(name: str) -> Any:
@@ -83,7 +86,11 @@ def transaction_id_for(public_key: PublicKey) -> str:
     digits the Windows client's transaction ids show (NDES connector logs); the same key
     always yields the same id, which lets a CA match a CertPoll to its PKCSReq.
     """
-    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest.hex()
+    import hashlib
+
+    spki = ber.sequence(ber.one_element(public_key_der(public_key)), "SubjectPublicKeyInfo")
+    bits = ber.expect(spki[1], ber.BIT_STRING, "subjectPublicKey")
+    return hashlib.sha1(bits[1:], usedforsecurity=False).hexdigest()
 
 
 def public_key_der(public_key: PublicKeyTypes) -> bytes:
@@ -102,7 +109,7 @@ _TRANSIENT_NAME = der.seq(der.tlv(0x31, der.seq(der.oid("2.5.4.3"),
 
 
 def transient_certificate(handle: KeyHandle, subject_der: bytes, now: datetime,
-                          serial: int | None = None) -> x509.Certificate:
+                          serial: int | None = None) -> Certificate:
     """The self-signed certificate that signs a PKCSReq (RFC 8894 §2.3).
 
     The requester has no certificate yet, so it signs with a throw-away certificate for the
@@ -122,7 +129,7 @@ def transient_certificate(handle: KeyHandle, subject_der: bytes, now: datetime,
         der.explicit(3, der.seq(  # basicConstraints, critical, cA FALSE (empty SEQUENCE)
             der.seq(der.oid("2.5.29.19"), der.TRUE, der.octet_string(der.seq())))))
     signature = handle.sign(tbs, HashAlg.SHA256)
-    return x509.load_der_x509_certificate(der.seq(tbs, alg, der.bit_string(signature)))
+    return Certificate(der.seq(tbs, alg, der.bit_string(signature)))
 
 
 @dataclass(frozen=True)
@@ -132,28 +139,29 @@ class PendingRequest:
     message_type: MessageType
     transaction_id: str
     sender_nonce: bytes
-    signer_cert: x509.Certificate  # the reply is encrypted to this certificate
+    signer_cert: Certificate  # the reply is encrypted to this certificate
     algorithms: Algorithms
     der: bytes = field(repr=False)
     subject_der: bytes = field(default=b"", repr=False)  # CSR subject, for CertPoll
 
 
 def build_pki_message(message_type: MessageType, message_data: bytes, *, handle: KeyHandle,
-                      signer_cert: x509.Certificate, recipient: x509.Certificate,
+                      signer_cert: CertificateLike, recipient: CertificateLike,
                       algorithms: Algorithms, transaction_id: str, now: datetime,
                       sender_nonce: bytes | None = None, subject_der: bytes = b"",
                       rand: scms.RandomBytes = os.urandom) -> PendingRequest:
     """Envelope `message_data` to `recipient`, then sign with the SCEP attributes (§3.2)."""
     nonce = sender_nonce if sender_nonce is not None else rand(NONCE_SIZE)
+    signer = as_certificate(signer_cert)
     enveloped = scms.envelope(message_data, recipient, algorithms.cipher, rand)
     attrs = [
         scms.encode_attribute(OID_MESSAGE_TYPE, der.printable_string(str(int(message_type)))),
         scms.encode_attribute(OID_TRANSACTION_ID, der.printable_string(transaction_id)),
         scms.encode_attribute(OID_SENDER_NONCE, der.octet_string(nonce)),
     ]
-    signed = scms.sign_data(enveloped, signer_cert=signer_cert, handle=handle,
+    signed = scms.sign_data(enveloped, signer_cert=signer, handle=handle,
                             digest_alg=algorithms.digest, attributes=attrs, signing_time=now)
-    return PendingRequest(message_type, transaction_id, nonce, signer_cert, algorithms, signed,
+    return PendingRequest(message_type, transaction_id, nonce, signer, algorithms, signed,
                           subject_der)
 
 
@@ -166,7 +174,7 @@ def _csr_parts(csr_der: bytes) -> tuple[bytes, bytes]:
     return info[1][4], info[2][4]
 
 
-def pkcs_req(csr_der: bytes, *, handle: KeyHandle, recipient: x509.Certificate,
+def pkcs_req(csr_der: bytes, *, handle: KeyHandle, recipient: CertificateLike,
              algorithms: Algorithms, now: datetime,
              rand: scms.RandomBytes = os.urandom) -> PendingRequest:
     """PKCSReq (19), signed with a transient self-signed certificate for the request key."""
@@ -180,8 +188,8 @@ def pkcs_req(csr_der: bytes, *, handle: KeyHandle, recipient: x509.Certificate,
                              subject_der=subject_der, rand=rand)
 
 
-def renewal_req(csr_der: bytes, *, old_handle: KeyHandle, old_cert: x509.Certificate,
-                recipient: x509.Certificate, algorithms: Algorithms, now: datetime,
+def renewal_req(csr_der: bytes, *, old_handle: KeyHandle, old_cert: CertificateLike,
+                recipient: CertificateLike, algorithms: Algorithms, now: datetime,
                 rand: scms.RandomBytes = os.urandom,
                 message_type: MessageType = MessageType.RENEWAL_REQ) -> PendingRequest:
     """RenewalReq (17, RFC 8894 §3.3.1.2): signed with the existing certificate and its key.
@@ -205,14 +213,14 @@ def renewal_req(csr_der: bytes, *, old_handle: KeyHandle, old_cert: x509.Certifi
                              now=now, subject_der=subject_der, rand=rand)
 
 
-def cert_poll(pending: PendingRequest, *, handle: KeyHandle, ca_cert: x509.Certificate,
-              recipient: x509.Certificate, now: datetime,
+def cert_poll(pending: PendingRequest, *, handle: KeyHandle, ca_cert: CertificateLike,
+              recipient: CertificateLike, now: datetime,
               rand: scms.RandomBytes = os.urandom) -> PendingRequest:
     """CertPoll (20, §3.3.3): same transactionID and signer as the pending request, new nonce.
 
     IssuerAndSubject names the issuing CA and the subject of our request.
     """
-    data = der.seq(ca_cert.subject.public_bytes(), pending.subject_der or der.seq())
+    data = der.seq(as_certificate(ca_cert).subject_der, pending.subject_der or der.seq())
     return build_pki_message(MessageType.CERT_POLL, data, handle=handle,
                              signer_cert=pending.signer_cert, recipient=recipient,
                              algorithms=pending.algorithms,
@@ -220,12 +228,14 @@ def cert_poll(pending: PendingRequest, *, handle: KeyHandle, ca_cert: x509.Certi
                              subject_der=pending.subject_der, rand=rand)
 
 
-def _issuer_and_serial(issuer: x509.Name, serial: int) -> bytes:
-    return der.seq(issuer.public_bytes(), der.integer(serial))
+def _issuer_and_serial(issuer: bytes | x509.Name, serial: int) -> bytes:
+    """`issuer`: the Name's DER, or cryptography's Name."""
+    name = issuer if isinstance(issuer, bytes) else issuer.public_bytes()
+    return der.seq(name, der.integer(serial))
 
 
-def get_cert(issuer: x509.Name, serial: int, *, handle: KeyHandle,
-             signer_cert: x509.Certificate, recipient: x509.Certificate,
+def get_cert(issuer: bytes | x509.Name, serial: int, *, handle: KeyHandle,
+             signer_cert: CertificateLike, recipient: CertificateLike,
              algorithms: Algorithms, now: datetime,
              rand: scms.RandomBytes = os.urandom) -> PendingRequest:
     """GetCert (21, §3.3.4): ask for a certificate by issuer and serial number."""
@@ -235,8 +245,8 @@ def get_cert(issuer: x509.Name, serial: int, *, handle: KeyHandle,
                              rand=rand)
 
 
-def get_crl(issuer: x509.Name, serial: int, *, handle: KeyHandle,
-            signer_cert: x509.Certificate, recipient: x509.Certificate,
+def get_crl(issuer: bytes | x509.Name, serial: int, *, handle: KeyHandle,
+            signer_cert: CertificateLike, recipient: CertificateLike,
             algorithms: Algorithms, now: datetime,
             rand: scms.RandomBytes = os.urandom) -> PendingRequest:
     """GetCRL (22, §3.3.5): ask for the CRL covering the certificate issuer/serial."""
@@ -256,16 +266,16 @@ class CertRep:
     transaction_id: str
     recipient_nonce: bytes
     sender_nonce: bytes
-    signer: x509.Certificate
+    signer: Certificate
     digest_alg: HashAlg
     fail_info: FailInfo | None = None
     fail_text: str = ""
-    issued: x509.Certificate | None = None  # SUCCESS to an enrolment: the certificate for us
-    certificates: tuple[x509.Certificate, ...] = ()  # everything in the degenerate reply
+    issued: Certificate | None = None  # SUCCESS to an enrolment: the certificate for us
+    certificates: tuple[Certificate, ...] = ()  # everything in the degenerate reply
     crls: tuple[bytes, ...] = ()
 
     @property
-    def chain(self) -> tuple[x509.Certificate, ...]:
+    def chain(self) -> tuple[Certificate, ...]:
         return tuple(c for c in self.certificates if c is not self.issued)
 
 
@@ -302,7 +312,7 @@ def _require(value: str | bytes | None, name: str) -> str | bytes:
     return value
 
 
-def parse_cert_rep(body: bytes, request: PendingRequest, *, trusted: Sequence[x509.Certificate],
+def parse_cert_rep(body: bytes, request: PendingRequest, *, trusted: Sequence[CertificateLike],
                    handle: KeyHandle, expected_key: PublicKey | None = None) -> CertRep:
     """Check a CertRep against the request it answers and open it (RFC 8894 §3.3.2).
 
@@ -382,7 +392,14 @@ def _failure(attrs: Attributes) -> ScepFailure:
                        advice=advice.get(fail_info, "") if fail_info is not None else "")
 
 
-def _issued_for(certs: Sequence[x509.Certificate], public_key: PublicKey) -> x509.Certificate:
+def _reencoded_key(cert: Certificate) -> bytes | None:
+    try:
+        return public_key_der(cert.public_key())
+    except (ValueError, TypeError):  # unsupported or malformed: not our key in any case
+        return None
+
+
+def _issued_for(certs: Sequence[Certificate], public_key: PublicKey) -> Certificate:
     """The certificate in the reply that carries our public key; refuse if there is none.
 
     A certificate for another key must never be installed: its private key is not ours.
@@ -390,9 +407,10 @@ def _issued_for(certs: Sequence[x509.Certificate], public_key: PublicKey) -> x50
     """
     ours = public_key_der(public_key)
     for cert in certs:
-        if public_key_der(cert.public_key()) == ours:
+        # the bytes as issued, else the key re-encoded (a CA may write the SPKI differently)
+        if cert.spki_der == ours or _reencoded_key(cert) == ours:
             return cert
-    subjects = ", ".join(c.subject.rfc4514_string() for c in certs) or "none"
+    subjects = "; ".join(c.subject for c in certs) or "none"
     raise PeerError(f"the CA returned no certificate for our public key (certificates in the "
                     f"reply: {subjects})", hresult=HResult.CRYPT_E_NOT_FOUND,
                     advice="nothing was installed; the CA issued a certificate for another key")

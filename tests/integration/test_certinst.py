@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.certinst import PENDING_KEY_ID, Certinst, CertinstRequest
 from agent.certstore import CertStore, Scope, StoreName
@@ -170,4 +171,51 @@ def test_orphan_key_from_a_killed_attempt_is_collected(tmp_path: Path,
     assert outcome.ok
     ids = set(ctx.keystore("software").list_ids())
     assert orphan.key_id not in ids and unrelated.key_id in ids
+    ctx.close()
+
+
+def test_certificate_cryptography_refuses_is_not_installed(tmp_path: Path,
+                                                           scepserver: ScepServerInstance) -> None:
+    """The SCEP core reads only the fields it needs; before anything is written, certinst
+    holds the issued certificate to strict DER. Here the CA pads the serial number with a
+    needless zero octet (BER, not DER: X.690 §8.3.2): the attempt fails with
+    CRYPT_E_BAD_ENCODE, nothing reaches the certificate store and the key is dropped."""
+    from agent.scep import ber, der
+    from agent.scep.certificate import Certificate
+    from tests.scep_support import (
+        Reply,
+        ScepProxy,
+        issue_from_csr,
+        load_depot_ca,
+        make_cert_rep,
+        parse_request,
+    )
+
+    ca = load_depot_ca(scepserver.depot)
+
+    def padded_serial(request_der: bytes, real: bytes) -> Reply:
+        req = parse_request(request_der, ca)
+        good = issue_from_csr(req.message_data, ca).public_bytes(Encoding.DER)
+        outer = ber.sequence(ber.one_element(good), "Certificate")
+        tbs = [e[4] for e in ber.sequence(outer[0], "TBSCertificate")]
+        serial = ber.sequence(outer[0], "TBSCertificate")[1][3]
+        tbs[1] = der.tlv(0x02, b"\x00" + serial)  # same value, one octet too many
+        bad = der.seq(der.seq(*tbs), outer[1][4], outer[2][4])
+        return Reply(make_cert_rep(req, ca, certs=(Certificate(bad), ca.cert)))
+
+    proxy = ScepProxy(scepserver.url).start()
+    try:
+        proxy.on_pki = padded_serial
+        ctx = make_ctx(tmp_path)
+        req = provision(ctx, scepserver, url=proxy.url, attempts=1)
+        outcome = run(ctx, req)
+    finally:
+        proxy.stop()
+    assert not outcome.ok and outcome.final
+    assert outcome.hresult == HResult.CRYPT_E_BAD_ENCODE
+    assert ctx.registry.query(req.node_path, "Status") == ScepStatus.FAILED
+    assert ctx.registry.query(req.node_path, "ErrorCode") == HResult.CRYPT_E_BAD_ENCODE
+    assert CertStore(ctx.registry).list_store(Scope.DEVICE, StoreName.MY) == []
+    assert CertStore(ctx.registry).list_store(Scope.DEVICE, StoreName.CA) == []
+    assert ctx.keystore("software").list_ids() == []
     ctx.close()

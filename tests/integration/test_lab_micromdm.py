@@ -21,7 +21,6 @@ from agent.scep.errors import ScepFailure
 from agent.sealing import Sealer
 from keystores.base import KeyAlgorithm, KeySpec
 from keystores.software import SoftwareKeyStore
-from lab.challenge import thumbprint
 from lab.issue import issue_challenge
 from lab.labdir import LabDir, init_lab
 from lab.mdm.certindex import CertIndex
@@ -91,15 +90,15 @@ def test_good_challenge_is_issued_once(env: Env) -> None:
     token = env.challenge()
     result = env.enroll(token)
     cert = result.certificate
-    assert cert.subject.rfc4514_string() == "CN=pc1,OU=Devices,O=dmagent lab"
+    assert cert.to_x509().subject.rfc4514_string() == "CN=pc1,OU=Devices,O=dmagent lab"
     crs = env.state.crs(DEV)
     assert [r["status"] for r in crs] == ["verified"]
     assert crs[0]["request_id"] == env.expanded.request_id
     # the issued certificate is found in micromdm's depot by thumbprint and completes the CRS
-    info = CertIndex(env.state, str(env.mm.depot)).find(thumbprint(cert))
+    info = CertIndex(env.state, str(env.mm.depot)).find(cert.thumbprint)
     assert info is not None and info.not_after > info.not_before
     row = env.state.crs(DEV)[0]
-    assert row["status"] == "issued" and row["thumbprint"] == thumbprint(cert)
+    assert row["status"] == "issued" and row["thumbprint"] == cert.thumbprint
     # the same challenge again (another key): refused, CertRep FAILURE badRequest
     with pytest.raises(ScepFailure) as failure:
         env.enroll(token)

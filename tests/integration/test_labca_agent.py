@@ -21,6 +21,7 @@ from agent.csr import CsrRequest
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import DmAgentError
 from agent.scep.capabilities import ContentCipher
+from agent.scep.certificate import as_certificate
 from agent.scep.enroll import EnrollOptions, EnrollResult, enroll
 from agent.scep.errors import ScepFailure, ScepPendingError
 from agent.scep.messages import MessageType
@@ -50,7 +51,7 @@ def _run(coro: Any) -> Any:
 
 
 def _check_issued(ca: LabScepCA, result: EnrollResult, key: CryptoKeyHandle) -> None:
-    cert = result.certificate
+    cert = result.certificate.to_x509()
     cert.verify_directly_issued_by(ca.ca_cert)
     assert cert.public_key() == key.public_key()
     row = ca.db.get(result.transaction_id)
@@ -71,9 +72,9 @@ def test_enroll(lab_scep_ca: CaFactory, key_pool: list[CryptoKeyHandle], mode: s
         # NDES' 3DES/SHA-1 caps; the RA signing certificate signed the CertRep.
         assert (result.algorithms.cipher, result.algorithms.digest) == (ContentCipher.DES3,
                                                                         HashAlg.SHA1)
-        assert result.ca.has_ra and result.ca.encryption == ca.ca.ra_enc.cert
+        assert result.ca.has_ra and result.ca.encryption == as_certificate(ca.ca.ra_enc.cert)
         assert result.respondent_url.endswith("/certsrv/mscep/mscep.dll/pkiclient.exe")
-        assert ca.ca_cert in result.chain
+        assert as_certificate(ca.ca_cert) in result.chain
     else:
         assert (result.algorithms.cipher, result.algorithms.digest) == (ContentCipher.AES128,
                                                                         HashAlg.SHA256)
@@ -264,7 +265,7 @@ def test_exec_verifier_and_notify(lab_scep_ca: CaFactory, key_pool: list[CryptoK
     assert "refusing CN=denied-1" in err.value.fail_text
     ok, failed = records
     assert (ok.status, ok.hresult, ok.device_id, ok.request_id) == (0, 0, "dev-42", "req-9")
-    cert: x509.Certificate = good.certificate
+    cert: x509.Certificate = good.certificate.to_x509()
     assert ok.thumbprint == cert.fingerprint(hashes.SHA1()).hex().upper()
     assert ok.serial.lstrip("0") == f"{cert.serial_number:X}".lstrip("0")
     assert (failed.status, failed.hresult) == (1, HResult.E_ACCESSDENIED)
@@ -342,7 +343,7 @@ def test_notify_into_the_lab_mdm_state(lab_scep_ca: CaFactory, key_pool: list[Cr
     result = _run(enroll(_options(ca), key))
     with LabState(state_db) as state:
         (crs,) = state.crs("dev-1")
-    thumbprint = result.certificate.fingerprint(hashes.SHA1()).hex().upper()
+    thumbprint = result.certificate.to_x509().fingerprint(hashes.SHA1()).hex().upper()
     assert (crs["status"], crs["thumbprint"]) == ("issued", thumbprint)
     assert int(crs["serial"], 16) == result.certificate.serial_number
     assert crs["expires"] == result.certificate.not_valid_after_utc.timestamp()

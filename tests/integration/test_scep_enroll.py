@@ -18,6 +18,7 @@ from agent.csr import CsrRequest
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import PeerError, UnreachableError
 from agent.scep.capabilities import ContentCipher
+from agent.scep.certificate import as_certificate
 from agent.scep.client import make_blocking_http
 from agent.scep.enroll import EnrollOptions, EnrollResult, enroll, enroll_inline, is_blocking
 from agent.scep.errors import ScepFailure
@@ -71,13 +72,13 @@ def _options(url: str, **kwargs: Any) -> EnrollOptions:
 
 
 def _check_issued(result: EnrollResult, key: KeyHandle, server: ScepServerInstance) -> None:
-    cert = result.certificate
+    cert = result.certificate.to_x509()
     assert public_key_der(cert.public_key()) == public_key_der(key.public_key())
     ca = x509.load_pem_x509_certificate(server.ca_cert_pem.read_bytes())
     cert.verify_directly_issued_by(ca)
     assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == \
         "dmagent-it"
-    assert result.ca.ca == ca
+    assert result.ca.ca == as_certificate(ca)
 
 
 def _pki_ops(server: ScepServerInstance) -> int:

@@ -15,6 +15,7 @@ import pytest
 from agent.csr import CsrRequest
 from agent.diagnostics import HResult
 from agent.scep.capabilities import ContentCipher
+from agent.scep.certificate import as_certificate
 from agent.scep.enroll import EnrollOptions, enroll
 from agent.scep.errors import ScepPendingError
 from agent.scep.messages import public_key_der
@@ -51,7 +52,7 @@ def test_ndes_mode_uses_the_ra_pair(lab_scep_ca: Callable[..., Any],
     assert result.respondent_url == ca.url + "/pkiclient.exe"  # NDES answers the Windows form
     assert result.ca.has_ra
     assert result.ca.encryption != result.ca.signers[0]  # split RA certificates
-    assert result.ca.ca == ca.ca_cert
+    assert result.ca.ca == as_certificate(ca.ca_cert)
     # NDES offers DES3/SHA-1 only: the client falls back to them
     assert (result.algorithms.cipher, result.algorithms.digest) == (ContentCipher.DES3,
                                                                     HashAlg.SHA1)

@@ -15,6 +15,7 @@ from agent.scep.cacerts import (
     parse_ca_certs,
     thumbprint,
 )
+from agent.scep.certificate import as_certificate as ours
 from agent.scep.cms import degenerate_certs_only
 from tests.scep_support import make_ca, make_cert, make_ndes_like
 
@@ -22,8 +23,8 @@ from tests.scep_support import make_ca, make_cert, make_ndes_like
 def test_single_der_certificate() -> None:
     ca = make_ca()
     got = parse_ca_certs(ca.cert.public_bytes(Encoding.DER), CT_CA_CERT)
-    assert got.ca == ca.cert and got.encryption == ca.cert
-    assert got.signers == (ca.cert,)
+    assert got.ca == ours(ca.cert) and got.encryption == ours(ca.cert)
+    assert got.signers == (ours(ca.cert),)
     assert not got.has_ra
 
 
@@ -34,10 +35,10 @@ def test_ndes_like_ra_pair_roles_by_key_usage(content_type: str) -> None:
     body = degenerate_certs_only([ra_sign.cert, ca.cert, ra_enc.cert])
     got = parse_ca_certs(body, content_type)
     assert got.has_ra
-    assert got.ca == ca.cert
-    assert got.encryption == ra_enc.cert
-    assert got.signers[0] == ra_sign.cert
-    assert ra_enc.cert not in got.signers
+    assert got.ca == ours(ca.cert)
+    assert got.encryption == ours(ra_enc.cert)
+    assert got.signers[0] == ours(ra_sign.cert)
+    assert ours(ra_enc.cert) not in got.signers
 
 
 def test_single_ra_with_both_usages() -> None:
@@ -45,7 +46,7 @@ def test_single_ra_with_both_usages() -> None:
     ra = make_cert("RA", issuer=ca, key_usage={"digital_signature": True,
                                                "key_encipherment": True})
     got = parse_ca_certs(degenerate_certs_only([ca.cert, ra.cert]), CT_CA_RA_CERT)
-    assert got.encryption == ra.cert and got.signers[0] == ra.cert
+    assert got.encryption == ours(ra.cert) and got.signers[0] == ours(ra.cert)
 
 
 def test_chain_without_ra_uses_issuing_ca() -> None:
@@ -53,8 +54,8 @@ def test_chain_without_ra_uses_issuing_ca() -> None:
     issuing = make_cert("Issuing", issuer=root, ca=True,
                         key_usage={"key_cert_sign": True, "crl_sign": True})
     got = parse_ca_certs(degenerate_certs_only([root.cert, issuing.cert]), CT_CA_RA_CERT)
-    assert got.ca == issuing.cert and got.encryption == issuing.cert
-    assert got.signers[0] == issuing.cert
+    assert got.ca == ours(issuing.cert) and got.encryption == ours(issuing.cert)
+    assert got.signers[0] == ours(issuing.cert)
 
 
 def test_ra_that_cannot_encrypt_is_refused() -> None:

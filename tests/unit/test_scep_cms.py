@@ -12,6 +12,7 @@ from agent.diagnostics import HResult
 from agent.errors import PeerError
 from agent.scep import cms as scms
 from agent.scep.capabilities import ContentCipher
+from agent.scep.certificate import as_certificate
 from keystores.base import HashAlg
 from tests.scep_support import CryptoKeyHandle, make_ca, make_cert, to_ber
 
@@ -102,7 +103,8 @@ def test_sign_verify_round_trip(digest: HashAlg) -> None:
     ca = make_ca()
     signed = _signed(ca.key, ca.cert, digest=digest)
     v = scms.verify_signed_data(signed, [ca.cert])
-    assert v.content == b"payload" and v.signer == ca.cert and v.digest_alg is digest
+    assert v.content == b"payload" and v.signer == as_certificate(ca.cert)
+    assert v.digest_alg is digest
     assert scms.as_type(v.attributes["2.16.840.1.113733.1.9.2"],
                         core.PrintableString).native == "3"
 
@@ -194,10 +196,10 @@ def test_degenerate_round_trip() -> None:
     leaf = make_cert("leaf", issuer=ca)
     certs, crls = scms.certs_from_degenerate(scms.degenerate_certs_only([leaf.cert, ca.cert]),
                                              "reply")
-    assert certs == [leaf.cert, ca.cert] and crls == []
+    assert certs == [as_certificate(leaf.cert), as_certificate(ca.cert)] and crls == []
     certs, _ = scms.certs_from_degenerate(to_ber(scms.degenerate_certs_only([leaf.cert])),
                                           "reply")
-    assert certs == [leaf.cert]
+    assert certs == [as_certificate(leaf.cert)]
 
 
 @pytest.mark.parametrize(("method", "contents", "expected"), [
@@ -282,7 +284,7 @@ def test_issuer_encoded_otherwise_still_names_the_certificate() -> None:
     signed = _signed(ca.key, ca.cert)
     at = signed.rfind(issuer)  # the SignerInfo's sid comes after the certificate
     assert scms.verify_signed_data(signed[:at] + folded + signed[at + len(issuer):],
-                                   [ca.cert]).signer == ca.cert
+                                   [ca.cert]).signer == as_certificate(ca.cert)
 
 
 @pytest.mark.parametrize(("kea", "text"), [

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 from asn1crypto import cms as acms
-from cryptography import x509
 
 from agent.csr import CsrRequest, build_csr
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import PeerError
 from agent.scep import messages as m
 from agent.scep.capabilities import Algorithms, ContentCipher
+from agent.scep.certificate import Certificate, as_certificate
 from agent.scep.errors import ScepFailure
 from keystores.base import HashAlg
 from tests.scep_support import (
@@ -69,14 +69,18 @@ def test_pkcs_req_as_the_ca_sees_it(ca: CertAndKey, client_key: CryptoKeyHandle,
 def test_transient_certificate(client_key: CryptoKeyHandle) -> None:
     from agent.csr import subject_der
 
-    cert = m.transient_certificate(client_key, subject_der("CN=dev1, O=Test"), NOW)
+    ours = m.transient_certificate(client_key, subject_der("CN=dev1, O=Test"), NOW)
+    assert ours.subject_der == ours.issuer_der and ours.subject == "CN=dev1, O=Test"
+    cert = ours.to_x509()  # cryptography reads what we built the same way
     assert cert.subject == cert.issuer
     assert cert.subject.rfc4514_string() == "O=Test,CN=dev1"
     assert cert.public_key().public_numbers() == client_key.public_key().public_numbers()
     cert.verify_directly_issued_by(cert)
-    assert cert.not_valid_before_utc < NOW < cert.not_valid_after_utc
+    assert cert.not_valid_before_utc == ours.not_valid_before_utc < NOW
+    assert NOW < cert.not_valid_after_utc == ours.not_valid_after_utc
+    assert cert.serial_number == ours.serial_number
     empty = m.transient_certificate(client_key, subject_der(""), NOW)
-    assert "SCEP transient" in empty.subject.rfc4514_string()
+    assert "SCEP transient" in empty.to_x509().subject.rfc4514_string()
 
 
 def test_nonces_are_fresh(ca: CertAndKey, client_key: CryptoKeyHandle) -> None:
@@ -93,8 +97,8 @@ def test_success_reply(ca: CertAndKey, client_key: CryptoKeyHandle) -> None:
                            trusted=[ca.cert], handle=client_key,
                            expected_key=client_key.public_key())
     assert rep.status is m.PkiStatus.SUCCESS
-    assert rep.issued == issued
-    assert rep.chain == (ca.cert,)
+    assert rep.issued == as_certificate(issued)
+    assert rep.chain == (as_certificate(ca.cert),)
     assert rep.recipient_nonce == req.sender_nonce
 
 
@@ -111,7 +115,7 @@ def test_reply_ciphers_key_transport_and_ber(ca: CertAndKey, client_key: CryptoK
         body = to_ber(body)
     rep = m.parse_cert_rep(body, req, trusted=[ca.cert], handle=client_key,
                            expected_key=client_key.public_key())
-    assert rep.issued == issued
+    assert rep.issued == as_certificate(issued)
 
 
 def test_pending_reply(ca: CertAndKey, client_key: CryptoKeyHandle) -> None:
@@ -215,7 +219,7 @@ def test_cert_poll(ca: CertAndKey, client_key: CryptoKeyHandle) -> None:
     assert parsed.message_type == 20
     assert parsed.transaction_id == req.transaction_id
     assert parsed.sender_nonce != req.sender_nonce
-    assert parsed.signer == req.signer_cert  # same transient certificate
+    assert as_certificate(parsed.signer) == req.signer_cert  # same transient certificate
     ias = m.IssuerAndSubject.load(parsed.message_data)
     assert ias["issuer"].dump() == ca.cert.subject.public_bytes()
     assert ias["subject"].dump() == req.subject_der
@@ -247,7 +251,7 @@ def test_renewal_req(ca: CertAndKey) -> None:
     issued = issue_from_csr(csr, ca)
     rep = m.parse_cert_rep(make_cert_rep(parsed, ca, certs=(issued,)), req, trusted=[ca.cert],
                            handle=old_key, expected_key=new_key.public_key())
-    assert rep.issued == issued
+    assert rep.issued == as_certificate(issued)
     assert old_key.decrypt_calls >= 1 and new_key.decrypt_calls == 0
 
 
@@ -271,5 +275,5 @@ def test_issued_chain_order_does_not_matter(ca: CertAndKey, client_key: CryptoKe
     for certs in ((issued, ca.cert), (ca.cert, issued)):
         rep = m.parse_cert_rep(make_cert_rep(parsed, ca, certs=certs), req, trusted=[ca.cert],
                                handle=client_key, expected_key=client_key.public_key())
-        assert rep.issued == issued and rep.chain == (ca.cert,)
-    assert isinstance(rep.issued, x509.Certificate)
+        assert rep.issued == as_certificate(issued) and rep.chain == (as_certificate(ca.cert),)
+    assert isinstance(rep.issued, Certificate)
