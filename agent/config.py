@@ -10,7 +10,7 @@ The file is `--config PATH`, else `$DMAGENT_CONFIG`, else `<platformdirs site co
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import os
 import socket
 import types
@@ -149,6 +149,8 @@ def default_config_path() -> Path:
 
 def derived_user_sid(device_id: str) -> str:
     """A stable Azure AD-style user SID (S-1-12-1-a-b-c-d) for the emulated interactive user."""
+    import hashlib
+
     digest = hashlib.sha256(f"user:{device_id}".encode()).digest()
     parts = [int.from_bytes(digest[i: i + 4], "little") for i in range(0, 16, 4)]
     return "S-1-12-1-" + "-".join(str(p) for p in parts)
@@ -233,17 +235,23 @@ def _flatten(data: Mapping[str, Any], prefix: str, source: str,
             out[dotted] = (value, source)
 
 
-def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    keys: list[str] = []
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(name, type) of a config dataclass's settings; the string annotations are evaluated
+    once per class (get_type_hints is the costly part of reading the config)."""
     hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name == "source":
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "source")
+
+
+@functools.cache
+def _schema_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    keys: list[str] = []
+    for name, typ in _fields(cls):
+        if dataclasses.is_dataclass(typ):
+            keys += _schema_keys(typ, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
-            keys.append(prefix + f.name)
-    return keys
+            keys.append(prefix + name)
+    return tuple(keys)
 
 
 def _env_names() -> dict[str, tuple[str, None]]:
@@ -251,18 +259,14 @@ def _env_names() -> dict[str, tuple[str, None]]:
 
 
 def _build(cls: type, prefix: str, merged: Mapping[str, tuple[Any, str]]) -> Any:
-    hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "source":
-            continue
-        typ = hints[f.name]
-        dotted = prefix + f.name
+    for name, typ in _fields(cls):
+        dotted = prefix + name
         if dataclasses.is_dataclass(typ):
-            kwargs[f.name] = _build(typ, dotted + ".", merged)  # type: ignore[arg-type]
+            kwargs[name] = _build(typ, dotted + ".", merged)  # type: ignore[arg-type]
         elif dotted in merged:
             value, where = merged[dotted]
-            kwargs[f.name] = _coerce(value, typ, dotted, where)
+            kwargs[name] = _coerce(value, typ, dotted, where)
     return cls(**kwargs)
 
 

@@ -10,7 +10,6 @@ does not unseal.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Final
 
@@ -44,7 +43,7 @@ class Sealer:
         return cls(load_or_create_machine_key(state_dir / MACHINE_KEY_FILE))
 
     def seal(self, plaintext: bytes, purpose: str) -> bytes:
-        nonce = secrets.token_bytes(_NONCE_LEN)
+        nonce = os.urandom(_NONCE_LEN)  # what secrets.token_bytes returns
         return MAGIC + nonce + self._aead.encrypt(nonce, plaintext, purpose.encode())
 
     def unseal(self, blob: bytes, purpose: str) -> bytes:
@@ -65,10 +64,10 @@ def load_or_create_machine_key(path: Path) -> bytes:
         key = path.read_bytes()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, secrets.token_bytes(32))
+            os.write(fd, os.urandom(32))
             os.fsync(fd)
         finally:
             os.close(fd)

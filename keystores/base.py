@@ -9,11 +9,10 @@ service → agent → keystores); what it needs from above (sealing of passwords
 from __future__ import annotations
 
 import enum
-import hashlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
@@ -167,4 +166,6 @@ def key_id_for(public_key: PublicKey) -> str:
     """A stable key id: the first 20 bytes of SHA-256 over the SubjectPublicKeyInfo, in hex."""
     spki = public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(spki).hexdigest()[:40]
+    digest = hashes.Hash(hashes.SHA256())  # cryptography's: hashlib would load a 2nd libcrypto
+    digest.update(spki)
+    return digest.finalize().hex()[:40]

@@ -16,7 +16,6 @@ certificate store, the lab CA); the core functions accept either kind (`as_certi
 from __future__ import annotations
 
 import base64
-import hashlib
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -130,7 +129,11 @@ class Certificate:
     @property
     def thumbprint(self) -> str:
         """SHA-1 over the DER, upper-case hex: what CAThumbprint and Windows show."""
-        return hashlib.sha1(self.der, usedforsecurity=False).hexdigest().upper()
+        from cryptography.hazmat.primitives import hashes
+
+        digest = hashes.Hash(hashes.SHA1())  # noqa: S303 - a name, not security
+        digest.update(self.der)
+        return digest.finalize().hex().upper()
 
     @property
     def is_ca(self) -> bool | None:
@@ -209,8 +212,9 @@ def read_time(element: ber.Element, what: str) -> datetime:
     if tag == 23:  # two-digit years: 50-99 are 19xx (RFC 5280 §4.1.2.5.1)
         year = int(text[:2])
         text = ("19" if year >= 50 else "20") + text
-    try:
-        return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+    try:  # the fields by position (strptime would import _strptime and its locale tables)
+        return datetime(int(text[0:4]), int(text[4:6]), int(text[6:8]), int(text[8:10]),
+                        int(text[10:12]), int(text[12:14]), tzinfo=UTC)
     except ValueError:
         raise ValueError(f"{what} {text!r} is not a valid time") from None
 

@@ -17,7 +17,6 @@ the CryptoAPI HRESULT Windows would report (CRYPT_E_*, NTE_*) and a message nami
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -73,7 +72,9 @@ _HASHES: dict[HashAlg, Callable[[], hashes.HashAlgorithm]] = {
 
 
 def digest(data: bytes, alg: HashAlg) -> bytes:
-    return hashlib.new(alg.value, data).digest()
+    h = hashes.Hash(_HASHES[alg]())  # cryptography's (hashlib would load a 2nd libcrypto)
+    h.update(data)
+    return h.finalize()
 
 
 # --- error mapping --------------------------------------------------------------------------

@@ -86,11 +86,9 @@ def transaction_id_for(public_key: PublicKey) -> str:
     digits the Windows client's transaction ids show (NDES connector logs); the same key
     always yields the same id, which lets a CA match a CertPoll to its PKCSReq.
     """
-    import hashlib
-
     spki = ber.sequence(ber.one_element(public_key_der(public_key)), "SubjectPublicKeyInfo")
     bits = ber.expect(spki[1], ber.BIT_STRING, "subjectPublicKey")
-    return hashlib.sha1(bits[1:], usedforsecurity=False).hexdigest()
+    return scms.digest(bits[1:], HashAlg.SHA1).hex()
 
 
 def public_key_der(public_key: PublicKeyTypes) -> bytes:
