@@ -28,7 +28,9 @@ import pytest
 from tests.conftest import REPO, ScepServerInstance, need_binary
 
 pytestmark = [pytest.mark.bench, pytest.mark.scepserver]
-N = int(os.environ.get("DMAGENT_BENCH_N", "20"))
+# scepclient's per-run time spreads 0.06-0.5 s (Go key generation): medians of 20 runs moved
+# 106-182 ms between runs here, so the default is 50.
+N = int(os.environ.get("DMAGENT_BENCH_N", "50"))
 
 
 def _dmagent_argv() -> list[str]:
@@ -38,6 +40,7 @@ def _dmagent_argv() -> list[str]:
 
 def _ms(values: list[float]) -> str:
     return (f"median {statistics.median(values) * 1000:7.1f} ms  "
+            f"mean {statistics.fmean(values) * 1000:7.1f}  "
             f"min {min(values) * 1000:7.1f}  max {max(values) * 1000:7.1f}")
 
 
@@ -108,12 +111,16 @@ def test_cli_against_scepclient(scepserver: ScepServerInstance, tmp_path: Path) 
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         idle.append(time.perf_counter() - started)
     ratio = statistics.median(ours) / statistics.median(theirs)
+    # N enrollments one after another cost the sum: the ratio of the totals (= of the means).
+    # scepclient's Go key generation has a long tail (0.06-0.5 s here), so its median moves
+    # more between runs than ours; both ratios are printed, the median one decides.
+    total_ratio = sum(ours) / sum(theirs)
     print(f"\n=== SCEP enrollment, whole process, N={N}, RSA-2048, {scepserver.url}")
     print(f"(byte-compiled first: python -m compileall -q {compiled})")
     print(f"dmagent scep enroll : {_ms(ours)}")
     print(f"scepclient          : {_ms(theirs)}")
-    print(f"ratio dmagent/scepclient = {ratio:.2f}x  (target <= 1.0x: "
-          f"{'met' if ratio <= 1.0 else 'MISSED'})")
+    print(f"ratio dmagent/scepclient = {ratio:.2f}x of the medians  (target <= 1.0x: "
+          f"{'met' if ratio <= 1.0 else 'MISSED'}); {total_ratio:.2f}x of the totals")
     print(f"python -c pass      : {_ms(idle)}  (interpreter floor)")
     imports = _import_profile(
         [*dm_argv, "scep", "enroll", scepserver.url, "--subject", "CN=bench-import"], env)
