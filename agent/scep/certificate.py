@@ -16,7 +16,9 @@ certificate store, the lab CA); the core functions accept either kind (`as_certi
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from agent.scep import ber
@@ -36,7 +38,7 @@ DIGITAL_SIGNATURE, KEY_ENCIPHERMENT, DATA_ENCIPHERMENT = 0, 2, 3
 
 class Certificate:
     """One certificate: its DER and the fields the SCEP client uses. Immutable; equal when
-    the encodings are. Build with `from_der` (which refuses what is not a certificate)."""
+    the encodings are. `Certificate(der)` refuses what is not a certificate (ValueError)."""
 
     __slots__ = ("_public_key", "der", "extensions", "issuer_der", "key_usage",
                  "not_valid_after_utc", "not_valid_before_utc", "serial_number", "spki_der",
@@ -49,7 +51,7 @@ class Certificate:
     not_valid_before_utc: datetime
     not_valid_after_utc: datetime
     spki_der: bytes  # SubjectPublicKeyInfo
-    extensions: dict[str, tuple[bool, bytes]]  # extnID -> (critical, extnValue)
+    extensions: Mapping[str, tuple[bool, bytes]]  # extnID -> (critical, extnValue)
     key_usage: frozenset[int] | None  # the bits set, None without the extension
     _public_key: PublicKeyTypes | None
 
@@ -96,7 +98,7 @@ class Certificate:
             elif element[0] != 2 or element[2] not in (1, 2):  # issuer/subjectUniqueID
                 raise ValueError(f"TBSCertificate has an unexpected field (class "
                                  f"{element[0]} tag {element[2]})")
-        _set(self, "extensions", extensions)
+        _set(self, "extensions", MappingProxyType(extensions))
         _set(self, "key_usage", _key_usage(extensions))
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -256,7 +258,7 @@ def _extensions(contents: bytes) -> dict[str, tuple[bool, bytes]]:
     return out
 
 
-def _key_usage(extensions: dict[str, tuple[bool, bytes]]) -> frozenset[int] | None:
+def _key_usage(extensions: Mapping[str, tuple[bool, bytes]]) -> frozenset[int] | None:
     found = extensions.get(OID_KEY_USAGE)
     if found is None:
         return None

@@ -225,7 +225,7 @@ def test_mutated_certificates_never_read_differently(data: st.DataObject) -> Non
         theirs = x509.load_der_x509_certificate(blob)
         fields = (theirs.serial_number, theirs.subject.public_bytes(),
                   theirs.issuer.public_bytes(), theirs.not_valid_after_utc)
-    except ValueError:
+    except (ValueError, TypeError, x509.InvalidVersion):  # it also refuses v2, which we read
         return  # we read less than cryptography checks; the store re-checks before installing
     assert (ours.serial_number, ours.subject_der, ours.issuer_der,
             ours.not_valid_after_utc) == fields
