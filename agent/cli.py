@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import logging
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,9 +57,6 @@ ONE_SHOT_GC_THRESHOLD = 100_000
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
-
-log = logging.getLogger("dmagent.cli")
-
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `dmagent` parser. With `argv`, only the subcommand it names is built.
@@ -159,7 +154,12 @@ def _register_unavailable(sub: Any, name: str, summary: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from agent import dataclass_cache
     from agent.commands.reg import translate_switches
+
+    # Before any module defining dataclasses is imported: their generated methods come
+    # compiled from the cache beside the .pyc (~15 ms of a `dmagent scep enroll` start).
+    dataclass_cache.enable()
 
     argv_list = translate_switches(list(sys.argv[1:] if argv is None else argv))
     one_shot = chosen_command(argv_list) not in LONG_RUNNING
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv_list: list[str], gc_thresholds: tuple[int, int, int]) -> int:
     from agent.commands.base import App
     from agent.errors import DmAgentError
-    from agent.logsetup import setup_logging
+    from agent.logsetup import needs_setup, setup_logging
 
     try:
         args = build_parser(argv_list).parse_args(argv_list)
@@ -186,7 +186,8 @@ def _run(argv_list: list[str], gc_thresholds: tuple[int, int, int]) -> int:
         args = None
     if args is None or not hasattr(args, "func"):
         args = build_parser().parse_args(argv_list)
-    setup_logging(verbose=args.verbose)
+    if needs_setup(args.verbose, logs_warnings=getattr(args, "logs_warnings", True)):
+        setup_logging(verbose=args.verbose)
     if args.command in LONG_RUNNING:
         gc.set_threshold(*gc_thresholds)  # in case argv named it in a way not foreseen above
     else:
@@ -213,7 +214,9 @@ def _run(argv_list: list[str], gc_thresholds: tuple[int, int, int]) -> int:
         if isinstance(exc, KeyStoreError):  # the bottom layer has its own error type
             _report(exc.message, exc.advice, args.verbose, "")
             return 1
-        log.debug("internal error", exc_info=True)
+        from agent.logsetup import debug
+
+        debug("dmagent.cli", "internal error: %r", exc)
         _report(f"internal error: {type(exc).__name__}: {exc}",
                 "this is a bug; run again with -v and report the trace", args.verbose, "")
         return EXIT_INTERNAL
@@ -228,6 +231,8 @@ def _report(message: str, advice: str, verbose: int, details: str) -> None:
     if verbose:
         if details:
             print(details, file=sys.stderr)
+        import traceback
+
         traceback.print_exc(file=sys.stderr)
 
 

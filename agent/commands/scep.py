@@ -38,6 +38,8 @@ def register(sub: Any) -> None:
         description="Talk SCEP (RFC 8894) to a server the way the Windows MDM client does "
                     "(URL form, User-Agent, algorithm choice, checks). URL is the ServerURL "
                     "value: one URL or several separated by ';' (fallbacks).")
+    # It logs nothing above debug: at the default level logging is not even loaded.
+    p.set_defaults(logs_warnings=False)
     ssub = p.add_subparsers(dest="scep_cmd", required=True,
                             metavar="{getcacaps,getcacert,enroll,renew}")
 

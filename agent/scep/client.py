@@ -24,7 +24,6 @@ tried when a server cannot be reached, answers 5xx or 404. The URL that answered
 from __future__ import annotations
 
 import base64
-import logging
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from agent.httpio import (
     read_snippet,
     transport_error,
 )
+from agent.logsetup import debug
 from agent.scep.capabilities import Capabilities, parse_caps
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from agent.scep.cacerts import CaCertificates
 
-log = logging.getLogger("dmagent.scep")
+LOGGER = "dmagent.scep"  # debug lines only (agent.logsetup.debug: no logging import)
 
 CT_PKI_MESSAGE = "application/x-pki-message"
 
@@ -231,8 +231,8 @@ class ScepClient:
                     last = exc
                     not_found = exc.hresult == HResult.HTTP_E_STATUS_NOT_FOUND
                     if not_found and index + 1 < len(forms):
-                        log.debug("SCEP %s: 404 at %s, trying %s", operation, endpoint.url,
-                                  forms[index + 1].url)
+                        debug(LOGGER, "SCEP %s: 404 at %s, trying %s", operation,
+                              endpoint.url, forms[index + 1].url)
                         continue  # the other URL form on the same server
                     if _falls_back(exc):
                         break  # the next ServerURL
@@ -259,7 +259,7 @@ class ScepClient:
         if isinstance(self._http, BlockingHttp):
             body, ctype = self._http.fetch(method, url, limit=limit, peer=SCEP_SERVER,
                                            content=content, headers=headers, shown=shown)
-            log.debug("SCEP %s %s -> %d bytes", method, shown, len(body))
+            debug(LOGGER, "SCEP %s %s -> %d bytes", method, shown, len(body))
             return body, ctype
         from agent.httpio import httpx
 
@@ -271,7 +271,8 @@ class ScepClient:
                     raise http_status_error(status, shown, await read_snippet(resp),
                                             SCEP_SERVER)
                 buf = await read_capped(resp, shown, limit, SCEP_SERVER)
-                log.debug("SCEP %s %s -> %d, %d bytes", method, shown, status, len(buf))
+                debug(LOGGER, "SCEP %s %s -> %d, %d bytes", method, shown, status,
+                      len(buf))
                 return bytes(buf), resp.headers.get("content-type", "")
         except httpx.HTTPError as exc:
             raise transport_error(exc, shown, SCEP_SERVER) from None
