@@ -2,9 +2,10 @@
 import, bodies read with a cap, and HTTP/transport failures turned into the HRESULTs WinHTTP
 reports. Each shell says who its peer is and which setting caps it; the wording follows.
 
-`BlockingHttp` (at the end) is a third, small shell: HTTP/1.1 on the standard library's
-http.client for one-shot commands that send one request after another (`dmagent scep ...`).
-It reports failures through the same helpers, hence with the same HRESULTs and wording.
+`BlockingHttp` (at the end) is a third, small shell: HTTP/1.1 on blocking sockets
+(`agent.http11` frames the messages) for one-shot commands that send one request after another
+(`dmagent scep ...`). It reports failures through the same helpers, hence with the same
+HRESULTs and wording; `ssl` is imported only for an https URL.
 httpx is imported on first use (`from agent.httpio import httpx`, or a helper given an httpx
 object), not with this module, so such a command never loads httpx, httpcore and anyio.
 """
@@ -12,16 +13,19 @@ object), not with this module, so such a command never loads httpx, httpcore and
 from __future__ import annotations
 
 import socket
-import ssl
 import sys
 import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent import http11
 from agent.diagnostics import HResult, hresult_from_http_status
 from agent.errors import ConfigError, DmAgentError, PeerError, UnreachableError
 
 if TYPE_CHECKING:
+    import ssl
+    from urllib.parse import SplitResult
+
     import httpx
 
 
@@ -157,10 +161,11 @@ def transport_error(exc: httpx.HTTPError | OSError | Exception, url: str, peer: 
                     connecting: bool = False) -> DmAgentError:
     """WinHTTP's view of a transport failure (HRESULT_FROM_WIN32(ERROR_WINHTTP_*)).
 
-    `exc` is an httpx error, or for `BlockingHttp` an OSError / http.client.HTTPException
+    `exc` is an httpx error, or for `BlockingHttp` an OSError / http11.ProtocolError
     (`connecting`: raised while the connection was being made).
     """
     hx = sys.modules.get("httpx")  # an httpx error means httpx is loaded; never import it here
+    tls = sys.modules.get("ssl")  # likewise a TLS error and ssl
     if isinstance(exc, TimeoutError) or (hx is not None and isinstance(exc, hx.TimeoutException)):
         # before the causes: a TLS read can time out
         return UnreachableError(f"{url} did not answer in time ({type(exc).__name__})",
@@ -171,14 +176,14 @@ def transport_error(exc: httpx.HTTPError | OSError | Exception, url: str, peer: 
         if isinstance(cause, socket.gaierror):
             return UnreachableError(f"cannot resolve the host of {url}: {cause.strerror}",
                                     hresult=HResult.WINHTTP_NAME_NOT_RESOLVED)
-        if isinstance(cause, ssl.SSLCertVerificationError):
+        if tls is not None and isinstance(cause, tls.SSLCertVerificationError):
             why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
                    or str(cause))
             return UnreachableError(
                 f"TLS with {url} failed: the server certificate is not trusted ({why})",
                 hresult=HResult.WINHTTP_SECURE_FAILURE,
                 advice="put the server's root CA in the trusted bundle (server.ca_bundle)")
-        if isinstance(cause, ssl.SSLError):
+        if tls is not None and isinstance(cause, tls.SSLError):
             reason = str(getattr(cause, "reason", None) or cause)
             client_side = any(k in reason for k in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
                                                     "UNKNOWN_CA", "CERTIFICATE_UNKNOWN"))
@@ -197,14 +202,13 @@ def transport_error(exc: httpx.HTTPError | OSError | Exception, url: str, peer: 
         return UnreachableError(f"cannot connect to {url}: {exc or 'connection refused'}",
                                 hresult=HResult.WINHTTP_CANNOT_CONNECT,
                                 advice=f"check that {peer.name} is running and reachable")
-    http_client = sys.modules.get("http.client")
     if hx is not None:
         if isinstance(exc, hx.TooManyRedirects):
             return too_many_redirects(url)
         if isinstance(exc, hx.UnsupportedProtocol | hx.InvalidURL):
             return bad_url(url, exc, peer)
-    if (hx is not None and isinstance(exc, hx.RemoteProtocolError)) or (
-            http_client is not None and isinstance(exc, http_client.HTTPException)):
+    if (hx is not None and isinstance(exc, hx.RemoteProtocolError)) or \
+            isinstance(exc, http11.ProtocolError):
         return UnreachableError(f"{url} broke the HTTP protocol: {exc or type(exc).__name__}",
                                 hresult=HResult.WINHTTP_INVALID_SERVER_RESPONSE)
     return UnreachableError(f"the connection to {url} failed: {exc or type(exc).__name__}",
@@ -215,15 +219,20 @@ def transport_error(exc: httpx.HTTPError | OSError | Exception, url: str, peer: 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 20  # httpx's default
-# A kept-alive connection failing like this was closed by the server while idle (RemoteDisconnected
-# is a ConnectionResetError).
-_RETRYABLE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+_RECV_BYTES = 65536
+# A kept-alive connection failing like this was closed by the server while idle: the request
+# never reached it, so a GET may be sent again on a new connection.
+_RETRYABLE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+              http11.ClosedBeforeResponse)
+
+Origin = tuple[str, str, int | None]  # scheme, host, port as the URL gives them
 
 
 def ssl_context(verify: bool | str | ssl.SSLContext = True) -> ssl.SSLContext:
     """The TLS context httpx builds for `verify` (trust from $SSL_CERT_FILE, $SSL_CERT_DIR,
     else certifi's bundle; False = no verification), ALPN http/1.1 as httpcore offers."""
     import os
+    import ssl
 
     if isinstance(verify, ssl.SSLContext):
         return verify
@@ -257,15 +266,22 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     return bool(readable)
 
 
-class BlockingHttp:
-    """HTTP/1.1 with blocking sockets (http.client), one request at a time, no event loop.
+def _host_field(scheme: str, host: str, port: int | None) -> str:
+    """The Host header as http.client writes it: the port only when not the default."""
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    return name if port in (None, 443 if scheme == "https" else 80) else f"{name}:{port}"
 
-    For one-shot commands: importing httpx and asyncio costs more than such a command's whole
-    conversation. It behaves like the httpx clients of the shells: `timeout` per connect and
-    per socket read or write, redirects followed (at most 20; 303, and 301/302 after a POST,
-    become a GET without body), TLS verified like httpx does (`ssl_context`), one keep-alive
-    connection per origin (a reused connection the server has closed meanwhile is replaced
-    once). Like the SCEP httpx client it uses no proxy. Not thread-safe.
+
+class BlockingHttp:
+    """HTTP/1.1 with blocking sockets, one request at a time, no event loop.
+
+    For one-shot commands: importing httpx and asyncio (or http.client, email and ssl) costs
+    more than such a command's whole conversation. It behaves like the httpx clients of the
+    shells: `timeout` per connect and per socket read or write, redirects followed (at most
+    20; 303, and 301/302 after a POST, become a GET without body), TLS verified like httpx does
+    (`ssl_context`), one keep-alive connection per origin (a reused connection the server has
+    closed meanwhile is replaced once). Like the SCEP httpx client it uses no proxy. Messages
+    are framed by `agent.http11`, which refuses what it does not understand. Not thread-safe.
     """
 
     def __init__(self, *, timeout: float, headers: dict[str, str] | None = None,
@@ -276,7 +292,7 @@ class BlockingHttp:
         self._verify = verify
         self._tls: ssl.SSLContext | None = None  # built on the first https request
         self._max_redirects = max_redirects
-        self._conns: dict[tuple[str, str, int | None], Any] = {}
+        self._conns: dict[Origin, socket.socket] = {}
 
     def __enter__(self) -> BlockingHttp:
         return self
@@ -285,8 +301,8 @@ class BlockingHttp:
         self.close()
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
+        for sock in self._conns.values():
+            sock.close()
         self._conns.clear()
 
     def fetch(self, method: str, url: str, *, limit: int, peer: Peer,
@@ -299,12 +315,14 @@ class BlockingHttp:
         shown = shown or url
         for _ in range(self._max_redirects + 1):
             parts = urllib.parse.urlsplit(url)
-            resp, origin = self._send(method, parts, content, headers, shown, peer)
+            origin = self._origin(parts, shown, peer)
+            sock, reader, head = self._send(method, origin, parts, content, headers, shown,
+                                            peer)
             try:
-                status = resp.status
-                location = resp.getheader("location")
+                status = head.status
+                location = head.get("location")
                 if status in _REDIRECTS and location:
-                    self._body(resp, SNIPPET, shown, peer, lenient=True)
+                    self._body(sock, reader, SNIPPET, shown, peer, lenient=True)
                     url = urllib.parse.urljoin(url, location)
                     if (status == 303 and method != "HEAD") or (status in (301, 302)
                                                                  and method == "POST"):
@@ -314,40 +332,17 @@ class BlockingHttp:
                     continue
                 if not 200 <= status < 300:
                     raise http_status_error(
-                        status, shown, self._body(resp, SNIPPET, shown, peer, lenient=True),
-                        peer)
-                return (self._body(resp, limit, shown, peer),
-                        resp.getheader("content-type") or "")
+                        status, shown,
+                        self._body(sock, reader, SNIPPET, shown, peer, lenient=True), peer)
+                return (self._body(sock, reader, limit, shown, peer),
+                        head.get("content-type") or "")
             finally:
-                if not resp.isclosed():  # not read to its end: the connection is unusable
-                    self._drop(*origin)
+                if not reader.keep_alive:  # not read to its end, or closing: unusable
+                    self._drop(origin)
         raise too_many_redirects(shown)
 
-    def _connection(self, scheme: str, host: str, port: int | None) -> tuple[Any, bool]:
-        """The origin's connection and whether it was used before."""
-        import http.client
-
-        key = (scheme, host, port)
-        conn = self._conns.get(key)
-        if conn is not None:
-            if conn.sock is None or not _closed_by_peer(conn.sock):
-                return conn, True
-            self._drop(*key)  # readable while idle: the server closed it (EOF)
-        if scheme == "https":
-            if self._tls is None:
-                self._tls = ssl_context(self._verify)
-            conn = http.client.HTTPSConnection(host, port, timeout=self._timeout,
-                                               context=self._tls)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
-        self._conns[key] = conn
-        return conn, False
-
-    def _send(self, method: str, parts: Any, content: bytes | None,
-              headers: dict[str, str] | None, shown: str,
-              peer: Peer) -> tuple[Any, tuple[str, str, int | None]]:
-        import http.client
-
+    @staticmethod
+    def _origin(parts: SplitResult, shown: str, peer: Peer) -> Origin:
         scheme = parts.scheme.lower()
         try:
             host, port = parts.hostname, parts.port
@@ -355,29 +350,50 @@ class BlockingHttp:
             raise bad_url(shown, exc, peer) from None
         if scheme not in ("http", "https") or not host:
             raise bad_url(shown, f"{scheme or 'no'} scheme" if host else "no host", peer)
+        return scheme, host, port
+
+    def _send(self, method: str, origin: Origin, parts: SplitResult, content: bytes | None,
+              headers: dict[str, str] | None, shown: str,
+              peer: Peer) -> tuple[socket.socket, http11.ResponseReader, http11.ResponseHead]:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        sent = {**self._headers, **(headers or {})}
+        try:
+            request = http11.encode_request(method, target, _host_field(*origin),
+                                            {**self._headers, **(headers or {})}, content)
+        except http11.InvalidTarget as exc:
+            raise bad_url(shown, exc, peer) from None
+        except ValueError as exc:
+            raise ConfigError(f"cannot send a request to {shown}: {exc}") from None
         while True:
-            conn, reused = self._connection(scheme, host, port)
+            sock, reused = self._connection(origin, shown, peer)
+            reader = http11.ResponseReader(method)
             try:
-                if conn.sock is None:
-                    try:
-                        self._connect(conn, scheme, host, port)
-                    except (OSError, http.client.HTTPException) as exc:
-                        self._drop(scheme, host, port)
-                        raise transport_error(exc, shown, peer, connecting=True) from None
-                conn.request(method, target, body=content, headers=sent)
-                return conn.getresponse(), (scheme, host, port)
-            except DmAgentError:
-                raise
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(scheme, host, port)
+                sock.sendall(request)
+                head = self._next(sock, reader)
+            except (OSError, http11.ProtocolError) as exc:
+                self._drop(origin)
                 if reused and method in ("GET", "HEAD") and isinstance(exc, _RETRYABLE):
                     continue  # the server closed the idle connection: once more on a new one
                 raise transport_error(exc, shown, peer) from None
+            assert isinstance(head, http11.ResponseHead)  # the reader's first event
+            return sock, reader, head
 
-    def _connect(self, conn: Any, scheme: str, host: str, port: int | None) -> None:
-        """What HTTP(S)Connection.connect does, resolving an ASCII host name as bytes: a str
+    def _connection(self, origin: Origin, shown: str,
+                    peer: Peer) -> tuple[socket.socket, bool]:
+        """The origin's connection and whether it was used before."""
+        sock = self._conns.get(origin)
+        if sock is not None:
+            if not _closed_by_peer(sock):
+                return sock, True
+            self._drop(origin)  # readable while idle: the server closed it (EOF)
+        try:
+            sock = self._connect(*origin)
+        except OSError as exc:
+            raise transport_error(exc, shown, peer, connecting=True) from None
+        self._conns[origin] = sock
+        return sock, False
+
+    def _connect(self, scheme: str, host: str, port: int | None) -> socket.socket:
+        """A connected socket (TLS for https), resolving an ASCII host name as bytes: a str
         makes getaddrinfo load the idna codec (and unicodedata), ~2.5 ms of a command."""
         name: Any = host.encode("ascii") if host.isascii() else host  # getaddrinfo takes both
         sock = socket.create_connection(
@@ -385,42 +401,50 @@ class BlockingHttp:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
-                assert self._tls is not None
+                if self._tls is None:
+                    self._tls = ssl_context(self._verify)
                 sock = self._tls.wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
             raise
-        conn.sock = sock
+        return sock
 
-    def _drop(self, scheme: str, host: str, port: int | None) -> None:
-        conn = self._conns.pop((scheme, host, port), None)
-        if conn is not None:
-            conn.close()
+    @staticmethod
+    def _next(sock: socket.socket,
+              reader: http11.ResponseReader) -> http11.ResponseHead | bytes | http11.Event:
+        """The reader's next event, reading from the socket while it needs data."""
+        while True:
+            event = reader.next_event()
+            if event is not http11.Event.NEED_DATA:
+                return event
+            reader.receive(sock.recv(_RECV_BYTES))
 
-    def _body(self, resp: Any, limit: int, url: str, peer: Peer, *,
-              lenient: bool = False) -> bytes:
+    def _drop(self, origin: Origin) -> None:
+        sock = self._conns.pop(origin, None)
+        if sock is not None:
+            sock.close()
+
+    def _body(self, sock: socket.socket, reader: http11.ResponseReader, limit: int, url: str,
+              peer: Peer, *, lenient: bool = False) -> bytes:
         """The body, refused past `limit` (read_capped's rules); `lenient` (error bodies,
         redirects): its first `limit` bytes, read errors ignored. A body not read to its end
-        leaves the response open, and `fetch` then drops the connection."""
-        import http.client
-
-        declared = resp.getheader("content-length") or ""
+        leaves the reader short of its end, and `fetch` then drops the connection."""
+        declared = (reader.head.get("content-length") if reader.head else None) or ""
         if not lenient and declared.isdigit() and int(declared) > limit:
             raise too_large(url, f"announces {int(declared)} bytes", limit, peer)
         buf = bytearray()
         try:
             while len(buf) <= limit:
-                chunk = resp.read(65536)
-                if not chunk:
+                event = self._next(sock, reader)
+                if event is http11.Event.END:
                     break
-                buf += chunk
-            if declared.isdigit() and len(buf) < int(declared):  # read(n) does not check
-                raise http.client.IncompleteRead(bytes(buf), int(declared) - len(buf))
-        except http.client.IncompleteRead as exc:
+                assert isinstance(event, bytes)
+                buf += event
+        except http11.IncompleteBody as exc:
             if lenient:
                 return bytes(buf[:limit])
-            raise truncated(url, len(exc.partial), declared, exc) from None
-        except (OSError, http.client.HTTPException) as exc:
+            raise truncated(url, exc.received, declared, exc) from None
+        except (OSError, http11.ProtocolError) as exc:
             if lenient:
                 return bytes(buf[:limit])
             raise transport_error(exc, url, peer) from None

@@ -24,7 +24,6 @@ tried when a server cannot be reached, answers 5xx or 404. The URL that answered
 from __future__ import annotations
 
 import base64
-import ssl
 import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
@@ -45,6 +44,8 @@ from agent.logsetup import debug
 from agent.scep.capabilities import Capabilities, parse_caps
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
     from agent.scep.cacerts import CaCertificates

@@ -64,6 +64,8 @@ def _byte_compile() -> str:
 
     The environment may set PYTHONDONTWRITEBYTECODE, and then every module changed since its
     .pyc was written is recompiled at each start: that would measure the compiler, not dmagent.
+    The warm-up enrollment runs without it, so it also writes the compiled dataclass methods
+    beside the .pyc files (agent.dataclass_cache), as a first run does on an installed agent.
     """
     dirs = ["agent", "keystores", "service", "lab"]
     subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], cwd=REPO, check=True,
@@ -82,8 +84,10 @@ def test_cli_against_scepclient(scepserver: ScepServerInstance, tmp_path: Path) 
     def dmagent(i: int) -> float:
         argv = [*dm_argv, "scep", "enroll", scepserver.url, "--subject", f"CN=bench-dm-{i}",
                 "--json"]
+        run_env = env if i >= 0 else {k: v for k, v in env.items()
+                                      if k != "PYTHONDONTWRITEBYTECODE"}
         started = time.perf_counter()
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO,
+        proc = subprocess.run(argv, env=run_env, capture_output=True, text=True, cwd=REPO,
                               check=False)
         elapsed = time.perf_counter() - started
         assert proc.returncode == 0, proc.stderr
@@ -100,7 +104,7 @@ def test_cli_against_scepclient(scepserver: ScepServerInstance, tmp_path: Path) 
         assert proc.returncode == 0 and cert.exists(), proc.stderr
         return elapsed
 
-    dmagent(-1), micromdm(-1)  # warm the page cache and the server
+    dmagent(-1), micromdm(-1)  # warm the page cache, the server and dmagent's caches
     ours, theirs = [], []
     for i in range(N):
         ours.append(dmagent(i))

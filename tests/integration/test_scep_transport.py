@@ -230,6 +230,22 @@ CANNED: dict[str, tuple[Callable[[str], bytes | None], type | None, int | None, 
         "/moved" + p[len("/scep"):]), None, None, ""),
     "chunked body": (lambda p: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                 b"5\r\nPOSTP\r\nb\r\nKIOperation\r\n0\r\n\r\n"), None, None, ""),
+    "chunk extension and trailer": (
+        lambda p: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nPOSTP\r\n"
+                   b"b\r\nKIOperation\r\n0\r\nX-Trailer: y\r\n\r\n"), None, None, ""),
+    "body until the connection closes": (
+        lambda p: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + CAPS, None, None, ""),
+    "HTTP/1.0 server": (lambda p: b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
+                                  b"Connection: close\r\n\r\n" + CAPS, None, None, ""),
+    "interim 100 Continue": (lambda p: b"HTTP/1.1 100 Continue\r\n\r\n" + _ok(CAPS),
+                             None, None, ""),
+    "status line garbage": (lambda p: b"HTTP/1.1 OK 200\r\nContent-Length: 0\r\n\r\n",
+                            UnreachableError, HResult.WINHTTP_INVALID_SERVER_RESPONSE,
+                            "broke the HTTP protocol"),
+    "Content-Lengths differ": (lambda p: b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n"
+                                         b"Content-Length: 5\r\n\r\nPOSTP",
+                               UnreachableError, HResult.WINHTTP_INVALID_SERVER_RESPONSE,
+                               "broke the HTTP protocol"),
     "redirect loop": (_redirect, UnreachableError,
                       HResult.HTTP_E_STATUS_UNEXPECTED_REDIRECTION, "redirects too many times"),
     "redirect to ftp": (lambda p: _redirect("ftp://127.0.0.1/scep"), PeerError,
