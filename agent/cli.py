@@ -155,14 +155,22 @@ def _register_unavailable(sub: Any, name: str, summary: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from agent import dataclass_cache
-    from agent.commands.reg import translate_switches
 
     # Before any module defining dataclasses is imported: their generated methods come
     # compiled from the cache beside the .pyc (~15 ms of a `dmagent scep enroll` start).
     dataclass_cache.enable()
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    chosen = chosen_command(argv_list)  # (reg.exe's /switches, translated below, keep it)
+    if chosen == "scep":
+        # `scep enroll` with a software key: its key generation (the longest step) starts
+        # now, before the parser is even built; the command takes it once parsed.
+        from agent.commands.keymaker import release_early, start_early
 
-    argv_list = translate_switches(list(sys.argv[1:] if argv is None else argv))
-    one_shot = chosen_command(argv_list) not in LONG_RUNNING
+        start_early(argv_list)
+    from agent.commands.reg import translate_switches
+
+    argv_list = translate_switches(argv_list)
+    one_shot = chosen not in LONG_RUNNING
     thresholds = gc.get_threshold()
     if one_shot:
         # A one-shot command spends most of its life importing: tens of thousands of objects
@@ -173,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(argv_list, thresholds)
     finally:
         gc.set_threshold(*thresholds)
+        if chosen == "scep":
+            release_early()  # a key the command did not take is not stored
 
 
 def _run(argv_list: list[str], gc_thresholds: tuple[int, int, int]) -> int:

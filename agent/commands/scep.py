@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from agent.httpio import BlockingHttp
     from agent.scep.certificate import CertificateLike
     from agent.scep.enroll import EnrollOptions, EnrollResult
-    from keystores.base import KeyHandle, KeySpec, KeyStore
+    from keystores.base import KeyHandle, KeyStore
 
 CHALLENGE_ENV = "DMAGENT_SCEP_CHALLENGE"
 _CIPHERS = ("des-cbc", "3des-cbc", "aes128-cbc", "aes192-cbc", "aes256-cbc")
@@ -325,8 +325,12 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
     # the key store, imports the SCEP and HTTP stack and asks GetCACaps/GetCACert (which need
     # no key): RSA generation releases the GIL (a TPM create waits on the TPM), so start-up,
     # key generation and the first round trips overlap instead of adding up. A software key
-    # starts from here: keystores.keygen needs nothing but cryptography's RSA module.
-    maker = _KeyMaker(args.key_length if args.keystore == "software" else None)
+    # is usually under way already: the CLI starts it before parsing (keymaker.start_early).
+    from agent.commands.keymaker import KeyMaker, take_early
+
+    software = args.keystore == "software"
+    maker = (take_early(args.key_length) if software else None) or \
+        KeyMaker(args.key_length if software else None)  # not started by the CLI already
     store: KeyStore | None = None
     try:
         from agent.csr import validate_request
@@ -367,62 +371,6 @@ def run_enroll(args: argparse.Namespace, app: App) -> int:
             raise LocalError(f"the {store.kind} key store cannot export keys")
         _write(args.out_key, export(key_password), 0o600)
     return _report(args, app, result, key, store.kind, maker.seconds)
-
-
-class _KeyMaker:
-    """The enrollment key, made in a worker thread (`job`) from the command's first moment.
-
-    With `rsa_size`, a software RSA key is generated at once, before the store is open (which
-    needs the config and the machine key); `store_in(store, spec)` then lets the worker store
-    it (the store checks it matches the spec). Without, the key can only be made by its store
-    (a TPM), so the worker waits for `store_in`. `abandon()` releases a worker still waiting
-    when the command fails first; the job then raises `_Abandoned` and nothing is stored.
-    """
-
-    def __init__(self, rsa_size: int | None) -> None:
-        import threading
-
-        from agent.scep.inline import Background
-
-        self._store: KeyStore | None = None
-        self._spec: KeySpec | None = None
-        self._store_ready = threading.Event()
-        self.seconds = 0.0  # making and storing the key, not the wait for the store
-        generate: Callable[[int], Any] | None = None
-        if rsa_size is not None:
-            from keystores.keygen import generate_rsa as generate
-        self.job: Background[KeyHandle] = Background(self._make, generate, rsa_size,
-                                                     name="keygen")
-
-    def _make(self, generate: Callable[[int], Any] | None, size: int | None) -> KeyHandle:
-        started = time.perf_counter()
-        private_key = generate(size) if generate is not None and size is not None else None
-        self.seconds = time.perf_counter() - started
-        self._store_ready.wait()
-        if self._store is None or self._spec is None:
-            raise _Abandoned
-        started = time.perf_counter()
-        if private_key is None:
-            handle = self._store.create(self._spec)
-        else:
-            from keystores.software import SoftwareKeyStore
-
-            if not isinstance(self._store, SoftwareKeyStore):
-                raise TypeError("a key generated beforehand needs the software key store")
-            handle = self._store.create(self._spec, private_key=private_key)
-        self.seconds += time.perf_counter() - started
-        return handle
-
-    def store_in(self, store: KeyStore, spec: KeySpec) -> None:
-        self._store, self._spec = store, spec
-        self._store_ready.set()
-
-    def abandon(self) -> None:
-        self._store_ready.set()
-
-
-class _Abandoned(Exception):
-    """The command failed before the key store was open: the key is not kept."""
 
 
 def run_renew(args: argparse.Namespace, app: App) -> int:
