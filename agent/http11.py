@@ -19,6 +19,8 @@ from typing import Final
 MAX_HEAD_BYTES: Final = 64 * 1024  # status line + headers (http.client: 64 KiB lines)
 MAX_HEADERS: Final = 100  # http.client's limit too
 MAX_CHUNK_LINE: Final = 1024  # "size;extensions" of one chunk
+MAX_TRAILER_BYTES: Final = MAX_HEAD_BYTES  # all trailer fields of a chunked body
+MAX_INTERIM: Final = 16  # 1xx responses before the final one (a server could send them forever)
 _TOKEN: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                           b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
@@ -115,6 +117,7 @@ class ResponseReader:
     def __init__(self, method: str) -> None:
         self._head_only = method == "HEAD"
         self._buf = bytearray()
+        self._scanned = 0  # leading bytes of _buf already searched for a line end in vain
         self._closed = False
         self._state = _State.HEAD
         self._remaining = 0
@@ -122,6 +125,8 @@ class ResponseReader:
         self._expected: int | None = None
         self._persistent = False
         self._seen_bytes = False
+        self._interim = 0
+        self._trailer_bytes = 0
         self.head: ResponseHead | None = None
 
     @property
@@ -148,8 +153,11 @@ class ResponseReader:
                     return Event.NEED_DATA
                 if head.status == 101:
                     raise ProtocolError("the server switched protocols (101) unasked")
-                if 100 <= head.status < 200:
-                    continue  # an interim response (100 Continue, 103 Early Hints)
+                if 100 <= head.status < 200:  # an interim response (100 Continue, 103 ...)
+                    self._interim += 1
+                    if self._interim > MAX_INTERIM:
+                        raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
+                    continue
                 self.head = head
                 self._frame(head)
                 return head
@@ -163,6 +171,7 @@ class ResponseReader:
                     return self._need(in_body=True)
                 data = bytes(self._buf[:self._remaining])
                 del self._buf[:len(data)]
+                self._scanned = 0
                 self._remaining -= len(data)
                 self._received += len(data)
                 return data
@@ -170,6 +179,7 @@ class ResponseReader:
                 if self._buf:
                     data = bytes(self._buf)
                     self._buf.clear()
+                    self._scanned = 0
                     self._received += len(data)
                     return data
                 if self._closed:
@@ -190,6 +200,10 @@ class ResponseReader:
                 self._state = _State.DONE
             elif b":" not in line:
                 raise ProtocolError(f"a trailer field without a colon: {_shown(line)}")
+            else:
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > MAX_TRAILER_BYTES:
+                    raise ProtocolError(f"trailer fields larger than {MAX_TRAILER_BYTES} bytes")
 
     def _need(self, *, in_body: bool) -> Event:
         if self._closed:
@@ -199,8 +213,9 @@ class ResponseReader:
 
     def _line(self, limit: int) -> bytes | None:
         """The next line without its CRLF (a bare LF is accepted, RFC 9112 §2.2)."""
-        end = self._buf.find(b"\n")
+        end = self._buf.find(b"\n", self._scanned)  # (bytes arriving one by one stay linear)
         if end < 0:
+            self._scanned = len(self._buf)
             if len(self._buf) > limit:
                 raise ProtocolError(f"a line longer than {limit} bytes")
             return None
@@ -208,15 +223,18 @@ class ResponseReader:
             raise ProtocolError(f"a line longer than {limit} bytes")
         line = bytes(self._buf[:end])
         del self._buf[:end + 1]
+        self._scanned = 0
         return line[:-1] if line.endswith(b"\r") else line
 
     def _read_head(self) -> ResponseHead | None:
-        end = self._buf.find(b"\r\n\r\n")
+        start = max(0, self._scanned - 3)  # a terminator may have begun in the scanned part
+        end = self._buf.find(b"\r\n\r\n", start)
         size = end + 4
-        lf = self._buf.find(b"\n\n")
+        lf = self._buf.find(b"\n\n", start)
         if lf >= 0 and (end < 0 or lf < end):
             end, size = lf, lf + 2
         if end < 0:
+            self._scanned = len(self._buf)
             if len(self._buf) > MAX_HEAD_BYTES:
                 raise ProtocolError(f"the response head is larger than {MAX_HEAD_BYTES} bytes")
             if self._closed:
@@ -231,6 +249,7 @@ class ResponseReader:
             raise ProtocolError(f"the response head is larger than {MAX_HEAD_BYTES} bytes")
         raw = bytes(self._buf[:end])
         del self._buf[:size]
+        self._scanned = 0
         return _parse_head(raw)
 
     def _frame(self, head: ResponseHead) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from agent.http11 import (
     MAX_HEAD_BYTES,
     MAX_HEADERS,
+    MAX_INTERIM,
     ClosedBeforeResponse,
     Event,
     IncompleteBody,
@@ -151,6 +152,13 @@ BAD: dict[str, tuple[bytes, type[ProtocolError], str]] = {
                        ProtocolError, "larger than"),
     "too many fields": (b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * (MAX_HEADERS + 1) + b"\r\n",
                         ProtocolError, "header fields"),
+    "endless interim responses": (b"HTTP/1.1 100 Continue\r\n\r\n" * (MAX_INTERIM + 1),
+                                  ProtocolError, "interim"),
+    "endless trailers": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" +
+                         (b"X-T: " + b"t" * 1000 + b"\r\n") * 70, ProtocolError,
+                         "trailer fields"),
+    "trailer without colon": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+                              b"garbage\r\n\r\n", ProtocolError, "without a colon"),
     "closed before any byte": (b"", ClosedBeforeResponse, "before any response"),
     "closed inside the head": (b"HTTP/1.1 200 OK\r\nContent-Le", ProtocolError,
                                "inside the response head"),
