@@ -58,6 +58,7 @@ ONE_SHOT_GC_THRESHOLD = 100_000
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `dmagent` parser. With `argv`, only the subcommand it names is built.
 
