@@ -168,7 +168,7 @@ class ResponseReader:
                     self._state = _State.DONE if state is _State.LENGTH else _State.CHUNK_CRLF
                     continue
                 if not self._buf:
-                    return self._need(in_body=True)
+                    return self._need_body()
                 data = bytes(self._buf[:self._remaining])
                 del self._buf[:len(data)]
                 self._scanned = 0
@@ -188,7 +188,7 @@ class ResponseReader:
                 return Event.NEED_DATA
             line = self._line(MAX_CHUNK_LINE if state is _State.CHUNK_SIZE else MAX_HEAD_BYTES)
             if line is None:
-                return self._need(in_body=True)
+                return self._need_body()
             if state is _State.CHUNK_SIZE:
                 self._remaining = _chunk_size(line)
                 self._state = _State.CHUNK_DATA if self._remaining else _State.TRAILERS
@@ -205,10 +205,9 @@ class ResponseReader:
                 if self._trailer_bytes > MAX_TRAILER_BYTES:
                     raise ProtocolError(f"trailer fields larger than {MAX_TRAILER_BYTES} bytes")
 
-    def _need(self, *, in_body: bool) -> Event:
+    def _need_body(self) -> Event:
         if self._closed:
-            raise IncompleteBody(self._received, self._expected) if in_body else \
-                ProtocolError("the connection ended inside the response head")
+            raise IncompleteBody(self._received, self._expected)
         return Event.NEED_DATA
 
     def _line(self, limit: int) -> bytes | None:
