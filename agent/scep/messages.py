@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from agent.diagnostics import FailInfo, HResult
 from agent.errors import PeerError
@@ -65,6 +64,7 @@ class PkiStatus(enum.IntEnum):
 
 if TYPE_CHECKING:
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
     from agent.scep.asn1types import IssuerAndSubject
     from agent.scep.certificate import CertificateLike
