@@ -14,7 +14,7 @@ from agent.device import DeviceContext
 from agent.dmtree.executor import TreeExecutor
 from agent.dmtree.tree import DMTree, build_tree
 from agent.enrollment import Enrollment, EnrollmentStore
-from agent.registry import Registry
+from agent.registry import Registry, Rollback
 from agent.syncml.messages import (
     Cmd,
     Command,
@@ -33,11 +33,14 @@ UNIQUE_ID = (f"ModelName_AC_{ACCOUNT_ID}_LogicalName_286033f4_0515_414d_b58f_08e
 NOW = 1_700_000_000.0
 
 
-class FailingCommit:
-    """Wraps the registry; the outermost commit fails like a full disk."""
+class FaultyStore:
+    """Wraps the registry; makes the outermost rollback or commit fail like a broken disk."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, rollback: bool = False,
+                 commit: bool = False) -> None:
         self.registry = registry
+        self.fail_rollback = rollback
+        self.fail_commit = commit
         self.depth = 0
 
     @contextmanager
@@ -46,8 +49,13 @@ class FailingCommit:
         self.depth += 1
         try:
             with self.registry.transaction():
-                yield
-                if outer:
+                try:
+                    yield
+                except Rollback:
+                    if outer and self.fail_rollback:
+                        raise sqlite3.OperationalError("disk I/O error (ROLLBACK)") from None
+                    raise
+                if outer and self.fail_commit:
                     raise sqlite3.OperationalError("database or disk is full (COMMIT)")
         finally:
             self.depth -= 1

@@ -16,7 +16,7 @@ from agent.registry import Registry
 from agent.syncml.messages import Command, Results, Status
 from tests.unit.dmtree_support import (
     Env,
-    FailingCommit,
+    FaultyStore,
     add,
     atomic,
     codes,
@@ -96,7 +96,7 @@ def test_a_failed_commit_fails_every_command_that_had_succeeded(env: Env) -> Non
     base = f"{scep()}/Install"
     env.run(rep("0", f"{base}/ServerURL", "https://ca.example/scep"))
     before = snapshot(env.registry)
-    executor = TreeExecutor(env.tree, FailingCommit(env.registry))
+    executor = TreeExecutor(env.tree, FaultyStore(env.registry, commit=True))
     out = executor.execute([rep("1", FIRST, "20"), get("2", "./DevInfo/Mod"),
                             rep("3", SECOND, "x"), exec_("4", f"{base}/Enroll"),
                             sequence("5", rep("6", FIRST, "30"), atomic("7", rep("8", SECOND,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from agent.dmtree.csp import CSP, ItemValue, Op, Resolved, Value, interior, leaf
 from agent.dmtree.executor import TreeExecutor
 from agent.dmtree.uri import Scope
-from agent.registry import Registry, Rollback
+from agent.registry import Registry
 from agent.syncml.messages import (
     Alert,
     Cmd,
@@ -25,6 +22,7 @@ from agent.syncml.messages import (
 )
 from tests.unit.dmtree_support import (
     Env,
+    FaultyStore,
     add,
     atomic,
     codes,
@@ -231,34 +229,6 @@ def test_atomic_inside_sequence_is_allowed(env: Env) -> None:
 
 
 # --- faults --------------------------------------------------------------------------------------
-
-class FaultyStore:
-    """Wraps the registry; makes the outermost rollback or commit fail like a broken disk."""
-
-    def __init__(self, registry: Registry, *, rollback: bool = False,
-                 commit: bool = False) -> None:
-        self.registry = registry
-        self.fail_rollback = rollback
-        self.fail_commit = commit
-        self.depth = 0
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        outer = self.depth == 0
-        self.depth += 1
-        try:
-            with self.registry.transaction():
-                try:
-                    yield
-                except Rollback:
-                    if outer and self.fail_rollback:
-                        raise sqlite3.OperationalError("disk I/O error (ROLLBACK)") from None
-                    raise
-                if outer and self.fail_commit:
-                    raise sqlite3.OperationalError("database is locked (COMMIT)")
-        finally:
-            self.depth -= 1
-
 
 def test_rollback_failure_is_516_for_what_had_succeeded(env: Env) -> None:
     executor = TreeExecutor(env.tree, FaultyStore(env.registry, rollback=True))

@@ -23,7 +23,7 @@ from agent.registry import Registry, Rollback
 from agent.syncml.messages import Cmd, Command, Item, ItemCommand, Meta, Results, Status
 from tests.unit.dmtree_support import (
     Env,
-    FailingCommit,
+    FaultyStore,
     add,
     atomic,
     cmd,
@@ -169,7 +169,7 @@ def _env(path: Path, general: bool, *, echo: bool = False,
     env = make_env(path, echo_target_refs=echo)
     env.tree.mount(Scope.DEVICE, ("Vendor", "MSFT", "Test"), FaultCSP(env.registry))
     env.run(*SETUP)
-    store: Any = FailingCommit(env.registry) if failing_commit else env.registry
+    store: Any = FaultyStore(env.registry, commit=True) if failing_commit else env.registry
     env.executor = (GeneralExecutor if general else TreeExecutor)(env.tree, store,
                                                                   echo_target_refs=echo)
     return env
